@@ -1,0 +1,108 @@
+"""The loaded target model seen as a stack of decoder layers the draft can run a subset of.
+
+No weights are copied and no host forward code is duplicated: the draft calls the target's
+own embedding, decoder layers, final norm and LM head. Layers are called with `residual=None`
+on the residual stream x (= hidden + residual in vLLM's fused-add convention), so a skipped
+layer is the identity on x and rows of a batch can skip different layers.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+def _attention_layer_names(layer: nn.Module) -> list[str]:
+    from vllm.model_executor.layers.attention.attention import Attention
+
+    return [m.layer_name for m in layer.modules() if isinstance(m, Attention)]
+
+
+class DecoderStack:
+    def __init__(self, model: nn.Module, draft_vocab_size: int | None = None):
+        inner = getattr(model, "model", None)
+        layers = getattr(inner, "layers", None)
+        missing = [
+            name for name, ok in (
+                ("model.model", inner is not None),
+                ("model.model.layers", layers is not None),
+                ("model.model.embed_input_ids", hasattr(inner, "embed_input_ids")),
+                ("model.model.norm", hasattr(inner, "norm")),
+                ("model.compute_logits", hasattr(model, "compute_logits")),
+            ) if not ok
+        ]
+        if missing:
+            raise UnsupportedModelError(
+                f"CLaSp cannot draft with {type(model).__name__}: it needs a Llama-style "
+                f"decoder stack, missing {', '.join(missing)}"
+            )
+        start, end = getattr(inner, "start_layer", 0), getattr(inner, "end_layer", len(layers))
+        if start != 0 or end != len(layers):
+            raise UnsupportedModelError(
+                "CLaSp needs every decoder layer on this rank (no pipeline parallelism)"
+            )
+        parameters = list(inspect.signature(layers[0].forward).parameters)
+        if parameters[:3] != ["positions", "hidden_states", "residual"]:
+            raise UnsupportedModelError(
+                f"CLaSp cannot draft with {type(layers[0]).__name__}: its forward takes "
+                f"{parameters}, not (positions, hidden_states, residual)"
+            )
+        self.model = model
+        self.inner = inner
+        self.layers = list(layers)
+        self.attention_names = [_attention_layer_names(layer) for layer in self.layers]
+        if any(len(names) != 1 for names in self.attention_names):
+            raise UnsupportedModelError(
+                "CLaSp expects exactly one attention layer per decoder layer"
+            )
+        self.all_attention_names = [names[0] for names in self.attention_names]
+        self._head_weight = self._draft_head_weight(model, draft_vocab_size)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:  # [n] -> [n, d]
+        return self.inner.embed_input_ids(token_ids)
+
+    def run_layer(
+        self, index: int, positions: torch.Tensor, stream: torch.Tensor  # [n], [n, d]
+    ) -> torch.Tensor:  # [n, d]
+        hidden, residual = self.layers[index](positions, stream, None)
+        return hidden + residual
+
+    def final_norm(self, stream: torch.Tensor) -> torch.Tensor:  # [n, d] -> [n, d]
+        out = self.inner.norm(stream)
+        return out[0] if isinstance(out, tuple) else out
+
+    def draft_logits(self, normed: torch.Tensor) -> torch.Tensor:  # [n, d] -> [n, V']
+        """Logits over the draft vocabulary: all tokens, or token ids [0, V') if set."""
+        if self._head_weight is None:
+            return self.model.compute_logits(normed)
+        return torch.nn.functional.linear(normed, self._head_weight)
+
+    @staticmethod
+    def _draft_head_weight(model: nn.Module, draft_vocab_size: int | None):
+        if draft_vocab_size is None:
+            return None
+        from vllm.distributed import get_tensor_model_parallel_world_size
+
+        processor = getattr(model, "logits_processor", None)
+        plain = (
+            get_tensor_model_parallel_world_size() == 1
+            and processor is not None
+            and getattr(processor, "scale", 1.0) == 1.0
+            and getattr(processor, "soft_cap", None) is None
+            and getattr(getattr(model, "lm_head", None), "bias", None) is None
+            and hasattr(getattr(model, "lm_head", None), "weight")
+        )
+        if not plain:
+            # A sharded, scaled or soft-capped head: keep vLLM's own logits path.
+            return None
+        return model.lm_head.weight[:draft_vocab_size]  # [V', d] view, no copy

@@ -1,0 +1,148 @@
+"""CLaSp's own knobs: names, defaults, allowed ranges, and how they resolve against a model.
+
+Host-free: this module is what `docs/configuration.md` documents and what the vLLM config
+subclass (`vllm_clasp.spec_config`) validates against. Every knob is optional.
+
+Keys in `--speculative-config` JSON (besides vLLM's `method` and `num_speculative_tokens`):
+
+  clasp_skip_layers            int >= 0     number of decoder layers the draft skips (M)
+  clasp_skip_ratio             0 <= r < 1   M as a fraction of all layers (default 0.5)
+  clasp_loi                    int >= 1     re-run the DP every LOI verification steps
+  clasp_draft_exit_threshold   0 <= t < 1   stop drafting when the draft's top-1 prob < t
+  clasp_never_skip             list[int]    layers that always run (default: first and last)
+  clasp_draft_vocab_size       int >= 1     draft head over the first N token ids only
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+DEFAULT_NUM_SPECULATIVE_TOKENS = 8
+DEFAULT_SKIP_RATIO = 0.5
+DEFAULT_LOI = 8
+DEFAULT_DRAFT_EXIT_THRESHOLD = 0.7
+
+KNOB_PREFIX = "clasp_"
+
+
+@dataclass(frozen=True)
+class ClaspOptions:
+    """User-facing CLaSp knobs, validated on construction (ValueError names key and range)."""
+
+    skip_layers: int | None = None
+    """Number of decoder layers the draft skips. Exclusive with `skip_ratio`."""
+    skip_ratio: float | None = None
+    """Skipped layers as a fraction of all layers; default 0.5 when neither is given."""
+    loi: int = DEFAULT_LOI
+    """Layer optimization interval: verification steps between two DP runs per request."""
+    draft_exit_threshold: float = DEFAULT_DRAFT_EXIT_THRESHOLD
+    """A request stops drafting once its draft's top-1 probability falls below this."""
+    never_skip: tuple[int, ...] | None = None
+    """Layer indices that are never skipped (negative counts from the end).
+    None means (0, -1): the first and last layer always run."""
+    draft_vocab_size: int | None = None
+    """If set, the draft's output head covers only token ids [0, N): cheaper drafts, still
+    lossless because verification uses the full vocabulary."""
+
+    def __post_init__(self) -> None:
+        if self.skip_layers is not None and self.skip_ratio is not None:
+            raise ValueError(
+                "clasp_skip_layers and clasp_skip_ratio are mutually exclusive; give one"
+            )
+        _check_int("clasp_skip_layers", self.skip_layers, low=0, allow_none=True)
+        if self.skip_ratio is not None and not (
+            _is_number(self.skip_ratio) and 0.0 <= self.skip_ratio < 1.0
+        ):
+            raise ValueError(
+                f"clasp_skip_ratio must be a number in [0, 1), got {self.skip_ratio!r}"
+            )
+        _check_int("clasp_loi", self.loi, low=1)
+        if not (_is_number(self.draft_exit_threshold) and 0.0 <= self.draft_exit_threshold < 1.0):
+            raise ValueError(
+                "clasp_draft_exit_threshold must be a number in [0, 1), "
+                f"got {self.draft_exit_threshold!r}"
+            )
+        if self.never_skip is not None:
+            if not isinstance(self.never_skip, (list, tuple)):
+                raise ValueError(
+                    f"clasp_never_skip must be a list of layer indices, got {self.never_skip!r}"
+                )
+            for layer in self.never_skip:
+                _check_int("clasp_never_skip[]", layer)
+            object.__setattr__(self, "never_skip", tuple(self.never_skip))
+        _check_int("clasp_draft_vocab_size", self.draft_vocab_size, low=1, allow_none=True)
+
+    @classmethod
+    def from_dict(cls, knobs: dict) -> "ClaspOptions":
+        """Build from `{"clasp_loi": 8, ...}`; unknown `clasp_*` keys are errors."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in knobs.items():
+            name = key[len(KNOB_PREFIX):] if key.startswith(KNOB_PREFIX) else key
+            if name not in names:
+                allowed = ", ".join(sorted(KNOB_PREFIX + n for n in names))
+                raise ValueError(f"unknown CLaSp option {key!r}; allowed: {allowed}")
+            kwargs[name] = value
+        return cls(**kwargs)
+
+    def resolve(self, num_layers: int, vocab_size: int) -> "ResolvedClaspOptions":
+        """Check the knobs against a model with `num_layers` decoder layers."""
+        never = (0, -1) if self.never_skip is None else self.never_skip
+        never_skip = [False] * num_layers
+        for layer in never:
+            if not -num_layers <= layer < num_layers:
+                raise ValueError(
+                    f"clasp_never_skip: layer {layer} out of range for a model with "
+                    f"{num_layers} layers (allowed: {-num_layers}..{num_layers - 1})"
+                )
+            never_skip[layer % num_layers] = True
+        skippable = num_layers - sum(never_skip)
+        if self.skip_layers is not None:
+            num_skip = self.skip_layers
+            if num_skip > skippable:
+                raise ValueError(
+                    f"clasp_skip_layers={num_skip} exceeds the {skippable} skippable layers "
+                    f"of this model ({num_layers} layers, {num_layers - skippable} never "
+                    f"skipped); allowed: 0..{skippable}"
+                )
+        else:
+            ratio = DEFAULT_SKIP_RATIO if self.skip_ratio is None else self.skip_ratio
+            num_skip = min(round(ratio * num_layers), skippable)
+        if self.draft_vocab_size is not None and self.draft_vocab_size > vocab_size:
+            raise ValueError(
+                f"clasp_draft_vocab_size={self.draft_vocab_size} exceeds the model's "
+                f"vocabulary ({vocab_size}); allowed: 1..{vocab_size}"
+            )
+        return ResolvedClaspOptions(
+            num_layers=num_layers,
+            num_skip=num_skip,
+            never_skip=tuple(never_skip),
+            loi=self.loi,
+            draft_exit_threshold=float(self.draft_exit_threshold),
+            draft_vocab_size=self.draft_vocab_size,
+        )
+
+
+@dataclass(frozen=True)
+class ResolvedClaspOptions:
+    """ClaspOptions checked against one model: what the proposer runs with."""
+
+    num_layers: int
+    num_skip: int
+    never_skip: tuple[bool, ...] = field(repr=False)  # [num_layers]
+    loi: int
+    draft_exit_threshold: float
+    draft_vocab_size: int | None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_int(key: str, value, low: int | None = None, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or (low is not None and value < low):
+        allowed = "an integer" if low is None else f"an integer >= {low}"
+        raise ValueError(f"{key} must be {allowed}, got {value!r}")

@@ -1,0 +1,155 @@
+"""Every change vllm-clasp makes to vLLM 0.32.0, in one place (the patch manifest).
+
+Each patch is inert unless the speculative method is "clasp": a process that does not ask for
+CLaSp behaves exactly as without the plugin (tested in tests/e2e/test_inertness.py).
+`tests/contract/test_vllm_contract.py` fails when a patched symbol's signature or the fields
+these patches read change, so a vLLM upgrade is reviewed here first.
+
+| # | vLLM symbol | why | what | removal |
+|---|---|---|---|---|
+| 1 | `EngineArgs.create_speculative_config` | `SpeculativeConfig.method` is a closed Literal with `extra="forbid"` | build `ClaspSpeculativeConfig` (subclass with `clasp_*` fields) for `method="clasp"` | a speculative-method registry (RFC #36219) |
+| 2 | `VllmConfig.num_lookahead_tokens` | drafts write KV beyond the verified tokens; only eagle/draft_model get lookahead slots | return `num_speculative_tokens` for clasp, so the scheduler allocates them | a method-level `num_lookahead_tokens` hook |
+| 3 | `VllmConfig._get_v2_model_runner_unsupported_features` | clasp is built on the V1 runner; V2 is the GPU default | list clasp as unsupported by V2, so V1 runs on CPU and GPU alike | a V2 speculator for clasp |
+| 4 | `GPUModelRunner.__init__` (V1) | the drafter factory raises "Unknown speculative decoding method" | build the runner as for `custom_class` pointing at `ClaspProposer`, then bind the proposer to the runner | a proposer registry in the runner |
+| 5 | `GPUModelRunner.propose_draft_token_ids` (V1) | the custom_class path passes no runner state (block tables, sampling metadata) and takes no draft probabilities | call `ClaspProposer.propose` with the runner; it sets the runner's draft probabilities | a proposer interface receiving runner state |
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+
+from vllm_clasp.patching import Patch, when_imported
+
+logger = logging.getLogger(__name__)
+
+RUNNER_MODULE = "vllm.v1.worker.gpu_model_runner"
+PROPOSER_CLASS_PATH = "vllm_clasp.proposer.ClaspProposer"
+
+
+def _is_clasp(speculative_config) -> bool:
+    return speculative_config is not None and getattr(speculative_config, "method", None) == "clasp"
+
+
+def _create_speculative_config(original):
+    @functools.wraps(original)
+    def create_speculative_config(self, target_model_config, target_parallel_config):
+        raw = self.speculative_config
+        if not isinstance(raw, dict) or raw.get("method") != "clasp":
+            return original(self, target_model_config, target_parallel_config)
+        from vllm_clasp.spec_config import ClaspSpeculativeConfig
+
+        kwargs = {k.replace("-", "_"): v for k, v in raw.items()}
+        kwargs.update(
+            target_model_config=target_model_config,
+            target_parallel_config=target_parallel_config,
+        )
+        return ClaspSpeculativeConfig(**kwargs)
+
+    return create_speculative_config
+
+
+def _num_lookahead_tokens(original: property):
+    @functools.wraps(original.fget)
+    def num_lookahead_tokens(self) -> int:
+        if _is_clasp(self.speculative_config):
+            return self.speculative_config.num_speculative_tokens
+        return original.fget(self)
+
+    return property(num_lookahead_tokens)
+
+
+def _v2_unsupported_features(original):
+    @functools.wraps(original)
+    def unsupported(self) -> list[str]:
+        features = original(self)
+        if _is_clasp(self.speculative_config):
+            features.append("speculative method 'clasp'")
+        return features
+
+    return unsupported
+
+
+def _runner_init(original):
+    @functools.wraps(original)
+    def __init__(self, vllm_config, *args, **kwargs):
+        spec = vllm_config.speculative_config
+        if not _is_clasp(spec):
+            return original(self, vllm_config, *args, **kwargs)
+        saved = spec.method, spec.model
+        spec.method, spec.model = "custom_class", PROPOSER_CLASS_PATH
+        try:
+            original(self, vllm_config, *args, **kwargs)
+        finally:
+            spec.method, spec.model = saved
+        self.drafter.bind_runner(self)
+
+    return __init__
+
+
+def _propose_draft_token_ids(original):
+    @functools.wraps(original)
+    def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, *args, **kwargs):
+        if not _is_clasp(self.speculative_config):
+            return original(self, scheduler_output, sampled_token_ids, *args, **kwargs)
+        return self.drafter.propose_for_runner(scheduler_output, sampled_token_ids)
+
+    return propose_draft_token_ids
+
+
+CONFIG_PATCHES = [
+    Patch(
+        "vllm.engine.arg_utils:EngineArgs", "create_speculative_config",
+        _create_speculative_config,
+        why="SpeculativeConfig.method is a closed Literal and extra keys are forbidden",
+        removal="a registry of speculative methods with their own config classes",
+    ),
+    Patch(
+        "vllm.config.vllm:VllmConfig", "num_lookahead_tokens", _num_lookahead_tokens,
+        why="draft KV writes need lookahead slots; only eagle/draft_model get them",
+        removal="a per-method lookahead hook on SpeculativeConfig",
+    ),
+    Patch(
+        "vllm.config.vllm:VllmConfig", "_get_v2_model_runner_unsupported_features",
+        _v2_unsupported_features,
+        why="clasp is implemented on the V1 model runner; V2 is the GPU default",
+        removal="a V2 speculator implementation of clasp",
+    ),
+]
+
+RUNNER_PATCHES = [
+    Patch(
+        f"{RUNNER_MODULE}:GPUModelRunner", "__init__", _runner_init,
+        why="the V1 drafter factory raises for unknown methods",
+        removal="a proposer registry consulted by GPUModelRunner.__init__",
+    ),
+    Patch(
+        f"{RUNNER_MODULE}:GPUModelRunner", "propose_draft_token_ids", _propose_draft_token_ids,
+        why="clasp needs the runner's block tables, sampling metadata and draft-prob slot",
+        removal="a proposer interface that receives runner state and returns draft probs",
+    ),
+]
+
+ALL_PATCHES = CONFIG_PATCHES + RUNNER_PATCHES
+
+_lock = threading.Lock()
+_applied = False
+
+
+def _apply(patches: list[Patch]) -> None:
+    for patch in patches:
+        if not patch.applied:
+            patch.apply()
+            logger.debug("vllm-clasp patched %s.%s", patch.owner_path, patch.attribute)
+
+
+def apply_all() -> None:
+    """Apply config patches now and runner patches when the V1 runner module is imported."""
+    global _applied
+    with _lock:
+        if _applied:
+            return
+        _applied = True
+        _apply(CONFIG_PATCHES)
+    when_imported(RUNNER_MODULE, lambda: _apply(RUNNER_PATCHES))

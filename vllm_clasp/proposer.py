@@ -1,0 +1,270 @@
+"""`ClaspProposer`: CLaSp drafting inside vLLM's V1 model runner.
+
+After each verification step the runner (patched in `patches.py`) calls `propose_for_runner`:
+
+1. forget requests that finished or were preempted;
+2. run the DP for requests that are due (new, or LOI verification steps since their last run):
+   the last accepted token is re-run through the full stack (read-only on the KV cache) to get
+   its trajectory h_0..h_L, and candidates of all due requests go through each layer in one
+   call (`optimizer.search_skip_sets`);
+3. draft up to K tokens per request with its own skip set; in a batch each layer runs once per
+   draft step on the rows that keep it; a row stops when its draft's top-1 probability falls
+   under the threshold. Sampled requests hand their draft probabilities to the runner, whose
+   rejection sampler then keeps the output distribution exact.
+
+Under tensor parallelism every rank runs this same code on the same inputs; skip masks and the
+per-step draft tokens are broadcast from rank 0, so all ranks run identical layer calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from vllm_clasp.decoder_stack import DecoderStack
+from vllm_clasp.draft_sampling import sample_draft_tokens
+from vllm_clasp.optimizer import search_skip_sets
+from vllm_clasp.paged_rows import PagedRows
+from vllm_clasp.skip_state import SkipSetTracker
+from vllm_clasp.stats import ClaspStats
+
+logger = logging.getLogger(__name__)
+
+
+class ClaspProposer:
+    def __init__(self, vllm_config):
+        spec = vllm_config.speculative_config
+        self.vllm_config = vllm_config
+        self.num_speculative_tokens = spec.num_speculative_tokens
+        self.options = spec.clasp_options()
+        self.max_model_len = vllm_config.model_config.max_model_len
+        self.vocab_size = vllm_config.model_config.get_vocab_size()
+        self.tp_size = vllm_config.parallel_config.tensor_parallel_size
+        self.runner = None
+        self.stack: DecoderStack | None = None
+        self.rows: PagedRows | None = None
+        self.tracker: SkipSetTracker | None = None
+        self.stats = ClaspStats()
+
+    # The custom_class factory vLLM uses to build us checks for a callable `propose`.
+    def propose(self, *args, **kwargs):
+        raise RuntimeError("ClaspProposer is driven by propose_for_runner (see patches.py)")
+
+    def bind_runner(self, runner) -> None:
+        self.runner = runner
+
+    def load_model(self, model) -> None:
+        self.stack = DecoderStack(model, self.options.draft_vocab_size)
+        self.resolved = self.options.resolve(self.stack.num_layers, self.vocab_size)
+        self.never_skip = torch.tensor(self.resolved.never_skip)  # [L] bool
+        self.tracker = SkipSetTracker(self.resolved.loi)
+        logger.info(
+            "CLaSp: drafting with the target's own %d layers, skipping %d per request "
+            "(never skipped: %s), K=%d, LOI=%d, draft-exit threshold %.2f, draft vocab %s",
+            self.stack.num_layers, self.resolved.num_skip,
+            [i for i, never in enumerate(self.resolved.never_skip) if never],
+            self.num_speculative_tokens, self.resolved.loi, self.resolved.draft_exit_threshold,
+            self.options.draft_vocab_size or "full",
+        )
+
+    # ------------------------------------------------------------------ the runner's entry
+    @torch.inference_mode()
+    def propose_for_runner(self, scheduler_output, sampled_token_ids: list[list[int]]):
+        runner = self.runner
+        if self.rows is None:
+            self.rows = PagedRows(runner)
+        batch = runner.input_batch
+        req_ids = list(batch.req_ids)
+        self.tracker.drop(scheduler_output.finished_req_ids)
+        self.tracker.drop(scheduler_output.preempted_req_ids)
+        if len(self.tracker) > len(runner.requests):
+            self.tracker.retain(runner.requests.keys())
+
+        drafts: list[list[int]] = [[] for _ in req_ids]
+        num_tokens = batch.num_tokens_no_spec[: len(req_ids)]  # numpy [n]
+        budget = np.minimum(self.num_speculative_tokens, self.max_model_len - num_tokens)
+        rows = [
+            i for i, sampled in enumerate(sampled_token_ids[: len(req_ids)])
+            if sampled and budget[i] > 0
+        ]
+        if not rows:
+            return drafts
+
+        due = [i for i in rows if self.tracker.is_due(req_ids[i])]
+        if due:
+            started = time.perf_counter()
+            masks = self._search(due, num_tokens)
+            for i, mask in zip(due, masks):
+                self.tracker.update(req_ids[i], mask)
+            self.stats.record_search(len(due), time.perf_counter() - started)
+        self.tracker.record_verification(req_ids[i] for i in rows)
+
+        started = time.perf_counter()
+        skip = torch.stack([self.tracker.skip_mask(req_ids[i]) for i in rows])  # [R, L]
+        row_index = torch.tensor(rows, dtype=torch.long)  # [R]
+        tokens, probs, lengths = self._draft(
+            row_index, torch.from_numpy(num_tokens[rows].astype(np.int64)),
+            torch.from_numpy(budget[rows].astype(np.int64)), skip,
+        )
+        for r, i in enumerate(rows):
+            drafts[i] = tokens[r, : lengths[r]].tolist()
+        if probs is not None:
+            full = torch.zeros(
+                len(req_ids), self.num_speculative_tokens, self.vocab_size,
+                dtype=torch.float32, device=probs.device,
+            )
+            full[row_index.to(probs.device), :, : probs.shape[-1]] = probs
+            runner._draft_probs = full
+            runner._draft_prob_req_ids = list(req_ids)
+        self.stats.record_drafts(skip, lengths, self.num_speculative_tokens,
+                                 time.perf_counter() - started)
+        self.stats.maybe_log(len(self.tracker))
+        return drafts
+
+    # ------------------------------------------------------------------ DP
+    def _search(self, batch_rows: list[int], num_tokens: np.ndarray) -> torch.Tensor:
+        """[B, L] skip masks for `batch_rows` from their last accepted token's trajectory."""
+        stack, rows = self.stack, self.rows
+        token_ids = self.runner.input_batch.token_ids_cpu
+        last = num_tokens[batch_rows] - 2  # position of the last accepted (cached) token
+        positions = torch.from_numpy(last.astype(np.int64))  # [B]
+        row_index = torch.tensor(batch_rows, dtype=torch.long)  # [B]
+        tokens = torch.from_numpy(token_ids[batch_rows, last].astype(np.int64))  # [B]
+
+        def run(layer: int, states: torch.Tensor, req_rows: torch.Tensor) -> torch.Tensor:
+            req_rows_cpu = req_rows.cpu()
+            metadata, positions_dev, _ = rows.build(
+                row_index[req_rows_cpu], positions[req_rows_cpu], stack.attention_names[layer]
+            )
+            with self._forward_context(metadata, len(req_rows_cpu), slot_mapping={}):
+                return stack.run_layer(layer, positions_dev, states)
+
+        all_rows = torch.arange(len(batch_rows))
+        stream = stack.embed(tokens.to(rows.device))  # [B, d]
+        trajectory = [stream]
+        for layer in range(stack.num_layers):
+            stream = run(layer, stream, all_rows)
+            trajectory.append(stream)
+        search = search_skip_sets(
+            torch.stack(trajectory), run, max_skip=self.resolved.num_skip,
+            never_skip=self.never_skip,
+        )
+        masks = search.skip_mask(self.resolved.num_skip).cpu()  # [B, L]
+        return self._broadcast(masks)
+
+    # ------------------------------------------------------------------ drafting
+    def _draft(
+        self,
+        batch_rows: torch.Tensor,  # [R] int64: rows of the runner's input batch
+        num_tokens: torch.Tensor,  # [R] int64: tokens so far (the last one has no KV yet)
+        budget: torch.Tensor,  # [R] int64: most tokens each row may draft
+        skip: torch.Tensor,  # [R, L] bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
+        stack, rows = self.stack, self.rows
+        R, K = len(batch_rows), int(budget.max())
+        sampling = self.runner.input_batch.sampling_metadata
+        temperature = None if sampling.all_greedy else sampling.temperature  # [n] device
+        generators = sampling.generators or {}
+        threshold = self.resolved.draft_exit_threshold
+
+        token_ids = self.runner.input_batch.token_ids_cpu
+        last_tokens = token_ids[batch_rows.numpy(), num_tokens.numpy() - 1].astype(np.int64)
+        current = torch.from_numpy(last_tokens).to(rows.device)  # [R]
+        out_tokens = torch.zeros(R, self.num_speculative_tokens, dtype=torch.long)
+        out_probs = None
+        lengths = [0] * R
+        active = torch.arange(R)  # rows still drafting (CPU)
+        keep = ~skip  # [R, L]
+
+        for step in range(K):
+            positions = num_tokens[active] - 1 + step  # [A]
+            active_dev = active.to(rows.device)
+            metadata, slots, plan = self._layer_plan(batch_rows[active], positions, keep[active])
+            stream = stack.embed(current[active_dev])  # [A, d]
+            with self._forward_context(metadata, len(active), slot_mapping=slots):
+                for layer, (sub, positions_dev) in plan.items():
+                    if sub is None:
+                        stream = stack.run_layer(layer, positions_dev, stream)
+                    else:
+                        stream[sub] = stack.run_layer(layer, positions_dev, stream[sub])
+            logits = stack.draft_logits(stack.final_norm(stream))  # [A, V']
+            rows_temp = (
+                None if temperature is None
+                else temperature[batch_rows[active].to(temperature.device)]
+            )
+            row_generators = {
+                a: generators[int(batch_rows[row])]
+                for a, row in enumerate(active.tolist()) if int(batch_rows[row]) in generators
+            }
+            sample = sample_draft_tokens(logits, rows_temp, row_generators)
+            decided = torch.stack([sample.token_ids.double(), sample.top1_prob.double()]).cpu()  # 1 sync
+            decided = self._broadcast(decided)
+            new_tokens, confidence = decided[0].long(), decided[1]
+            out_tokens[active, step] = new_tokens
+            if temperature is not None:
+                if out_probs is None:
+                    out_probs = torch.zeros(
+                        R, self.num_speculative_tokens, logits.shape[-1],
+                        dtype=torch.float32, device=logits.device,
+                    )
+                out_probs[active.to(logits.device), step] = sample.probs
+            for row in active.tolist():
+                lengths[row] = step + 1
+            go_on = (confidence >= threshold) & (budget[active] > step + 1)
+            self.stats.record_exits(int((confidence < threshold).sum()))
+            current[active_dev] = new_tokens.to(rows.device)
+            active = active[go_on]
+            if len(active) == 0:
+                break
+        return out_tokens, out_probs, lengths
+
+    def _layer_plan(
+        self,
+        batch_rows: torch.Tensor,  # [A] int64: input-batch rows drafting this step
+        positions: torch.Tensor,  # [A] int64: their query positions
+        keep: torch.Tensor,  # [A, L] bool: layer runs for that row
+    ):
+        """Attention metadata and slots per layer, built once per distinct row subset.
+
+        Returns (metadata by layer name, slots by layer name, {layer: (rows or None, positions)})
+        in layer order; rows is None when every active row runs the layer.
+        """
+        stack, rows = self.stack, self.rows
+        layers_by_subset: dict[bytes, list[int]] = {}
+        for layer in range(stack.num_layers):
+            column = keep[:, layer]
+            if bool(column.any()):
+                layers_by_subset.setdefault(column.numpy().tobytes(), []).append(layer)
+        metadata, slots, plan = {}, {}, {}
+        for layers in layers_by_subset.values():
+            column = keep[:, layers[0]]
+            sub = column.nonzero().squeeze(1)  # [A'] indices into the active rows
+            names = [stack.all_attention_names[layer] for layer in layers]
+            built, positions_dev, slot = rows.build(batch_rows[sub], positions[sub], names)
+            metadata.update(built)
+            slots.update(dict.fromkeys(names, slot))
+            whole = len(sub) == len(batch_rows)
+            for layer in layers:
+                plan[layer] = (None if whole else sub.to(rows.device), positions_dev)
+        return metadata, slots, dict(sorted(plan.items()))
+
+    # ------------------------------------------------------------------ plumbing
+    def _forward_context(self, metadata, num_tokens: int, slot_mapping):
+        from vllm.forward_context import set_forward_context
+
+        return set_forward_context(
+            metadata, self.vllm_config, num_tokens=num_tokens, slot_mapping=slot_mapping
+        )
+
+    def _broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rank 0's value on every tensor-parallel rank (identical control flow everywhere)."""
+        if self.tp_size == 1:
+            return tensor
+        from vllm.distributed import get_tp_group
+
+        device_tensor = tensor.to(self.rows.device)
+        get_tp_group().broadcast(device_tensor, src=0)
+        return device_tensor.cpu()

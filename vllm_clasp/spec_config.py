@@ -1,0 +1,112 @@
+"""`ClaspSpeculativeConfig`: vLLM's SpeculativeConfig with `method="clasp"` and CLaSp's knobs.
+
+vLLM's `SpeculativeConfig.method` is a closed Literal and the class forbids extra keys, so a
+subclass carries the `clasp_*` fields; `patches.py` makes `EngineArgs.create_speculative_config`
+build this class when the JSON says `"method": "clasp"`. The subclass pickles to engine and
+worker processes like its parent (the plugin is importable there).
+"""
+
+from __future__ import annotations
+
+import os
+
+from vllm.config.speculative import SpeculativeConfig
+from vllm.config.utils import config
+
+from vllm_clasp.options import DEFAULT_NUM_SPECULATIVE_TOKENS, ClaspOptions
+
+CLASP_METHOD = "clasp"
+
+# Architectures whose vLLM implementation is a Llama-style stack: `model.model.layers` of
+# decoder layers called as `layer(positions, hidden_states, residual)`, `model.model.norm`,
+# `model.compute_logits`. Llama is tested; the others share vLLM's Llama layer contract.
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+)
+
+
+@config
+class ClaspSpeculativeConfig(SpeculativeConfig):
+    """SpeculativeConfig for CLaSp; see `vllm_clasp.options` for the knobs' meaning."""
+
+    method: str | None = None  # type: ignore[assignment]
+    clasp_skip_layers: int | None = None
+    clasp_skip_ratio: float | None = None
+    clasp_loi: int | None = None
+    clasp_draft_exit_threshold: float | None = None
+    clasp_never_skip: list[int] | None = None
+    clasp_draft_vocab_size: int | None = None
+
+    def __post_init__(self):  # noqa: D105 - mirrors SpeculativeConfig's ngram/custom_class path
+        if self.method != CLASP_METHOD:
+            raise ValueError(f"ClaspSpeculativeConfig needs method='clasp', got {self.method!r}")
+        if self.model is not None:
+            raise ValueError(
+                "method='clasp' drafts with the target model itself; do not set 'model' "
+                f"(got {self.model!r})"
+            )
+        if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "1":
+            raise ValueError(
+                "method='clasp' runs on vLLM's V1 model runner, but VLLM_USE_V2_MODEL_RUNNER=1 "
+                "forces V2; unset it"
+            )
+        target = self.target_model_config
+        if target is None:
+            raise ValueError("method='clasp' needs target_model_config")
+        architectures = list(getattr(target, "architectures", None) or [])
+        if not any(arch in SUPPORTED_ARCHITECTURES for arch in architectures):
+            raise ValueError(
+                f"method='clasp' does not support architecture {architectures}: its draft "
+                "runs a subset of a Llama-style decoder stack (model.model.layers); supported: "
+                f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        parallel = self.target_parallel_config
+        if parallel is not None and parallel.pipeline_parallel_size > 1:
+            raise ValueError(
+                "method='clasp' does not support pipeline parallelism (the draft needs every "
+                "decoder layer on one rank); use tensor parallelism"
+            )
+        if self.num_speculative_tokens is None:
+            self.num_speculative_tokens = DEFAULT_NUM_SPECULATIVE_TOKENS
+        if self.draft_tensor_parallel_size not in (None, parallel.tensor_parallel_size if parallel else 1):
+            raise ValueError(
+                "method='clasp' drafts with the target's own layers: "
+                "draft_tensor_parallel_size must equal the target's tensor_parallel_size"
+            )
+        # Resolving checks every knob against this model (layer count, vocabulary).
+        self.clasp_options().resolve(
+            num_layers=target.hf_config.get_text_config().num_hidden_layers,
+            vocab_size=target.get_vocab_size(),
+        )
+        # Same bookkeeping as vLLM's model-free methods (ngram, custom_class).
+        self.model = CLASP_METHOD
+        self.prompt_lookup_max = 0
+        self.prompt_lookup_min = 0
+        self.draft_model_config = target
+        self.draft_parallel_config = parallel
+        if parallel is not None:
+            self.draft_tensor_parallel_size = parallel.tensor_parallel_size
+
+    def clasp_options(self) -> ClaspOptions:
+        knobs = {
+            "skip_layers": self.clasp_skip_layers,
+            "skip_ratio": self.clasp_skip_ratio,
+            "loi": self.clasp_loi,
+            "draft_exit_threshold": self.clasp_draft_exit_threshold,
+            "never_skip": self.clasp_never_skip,
+            "draft_vocab_size": self.clasp_draft_vocab_size,
+        }
+        return ClaspOptions(**{k: v for k, v in knobs.items() if v is not None})
+
+    def __repr__(self) -> str:
+        return (
+            f"ClaspSpeculativeConfig(method='clasp', "
+            f"num_spec_tokens={self.num_speculative_tokens}, {self.clasp_options()})"
+        )
+
+
+def is_clasp(speculative_config) -> bool:
+    return speculative_config is not None and speculative_config.method == CLASP_METHOD
