@@ -25,7 +25,7 @@ def _attention_layer_names(layer: nn.Module) -> list[str]:
 
 
 class DecoderStack:
-    def __init__(self, model: nn.Module, draft_vocab_size: int | None = None):
+    def __init__(self, model: nn.Module):
         inner = getattr(model, "model", None)
         layers = getattr(inner, "layers", None)
         missing = [
@@ -62,7 +62,7 @@ class DecoderStack:
                 "CLaSp expects exactly one attention layer per decoder layer"
             )
         self.all_attention_names = [names[0] for names in self.attention_names]
-        self._head_weight = self._draft_head_weight(model, draft_vocab_size)
+        self._head_weight = None  # [V', d] when the draft head covers token ids [0, V') only
 
     @property
     def num_layers(self) -> int:
@@ -87,12 +87,11 @@ class DecoderStack:
             return self.model.compute_logits(normed)
         return torch.nn.functional.linear(normed, self._head_weight)
 
-    @staticmethod
-    def _draft_head_weight(model: nn.Module, draft_vocab_size: int | None):
-        if draft_vocab_size is None:
-            return None
+    def use_draft_vocab(self, draft_vocab_size: int) -> bool:
+        """Draft over token ids [0, draft_vocab_size) when the head is a plain matrix."""
         from vllm.distributed import get_tensor_model_parallel_world_size
 
+        model = self.model
         processor = getattr(model, "logits_processor", None)
         plain = (
             get_tensor_model_parallel_world_size() == 1
@@ -104,5 +103,6 @@ class DecoderStack:
         )
         if not plain:
             # A sharded, scaled or soft-capped head: keep vLLM's own logits path.
-            return None
-        return model.lm_head.weight[:draft_vocab_size]  # [V', d] view, no copy
+            return False
+        self._head_weight = model.lm_head.weight[:draft_vocab_size]  # [V', d] view, no copy
+        return True

@@ -6,11 +6,13 @@ subclass (`vllm_clasp.spec_config`) validates against. Every knob is optional.
 Keys in `--speculative-config` JSON (besides vLLM's `method` and `num_speculative_tokens`):
 
   clasp_skip_layers            int >= 0     number of decoder layers the draft skips (M)
-  clasp_skip_ratio             0 <= r < 1   M as a fraction of all layers (default 0.5)
+  clasp_skip_ratio             0 <= r < 1   M as a fraction of all layers (default 0.3)
   clasp_loi                    int >= 1     re-run the DP every LOI verification steps
   clasp_draft_exit_threshold   0 <= t < 1   stop drafting when the draft's top-1 prob < t
   clasp_never_skip             list[int]    layers that always run (default: first and last)
-  clasp_draft_vocab_size       int >= 1     draft head over the first N token ids only
+  clasp_draft_vocab_size       int >= 0     draft head over the first N token ids (0: all)
+  clasp_prompt_lookup_max      int >= 0     longest n-gram for prompt-lookup drafts (0: off)
+  clasp_prompt_lookup_min      int >= 1     shortest n-gram for prompt-lookup drafts
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ import dataclasses
 from dataclasses import dataclass, field
 
 DEFAULT_NUM_SPECULATIVE_TOKENS = 8
-DEFAULT_SKIP_RATIO = 0.5
-DEFAULT_LOI = 8
+DEFAULT_SKIP_RATIO = 0.3
+DEFAULT_LOI = 16
+DEFAULT_DRAFT_VOCAB_SIZE = 16384
 DEFAULT_DRAFT_EXIT_THRESHOLD = 0.7
+DEFAULT_PROMPT_LOOKUP_MIN = 2
 
 KNOB_PREFIX = "clasp_"
 
@@ -33,7 +37,7 @@ class ClaspOptions:
     skip_layers: int | None = None
     """Number of decoder layers the draft skips. Exclusive with `skip_ratio`."""
     skip_ratio: float | None = None
-    """Skipped layers as a fraction of all layers; default 0.5 when neither is given."""
+    """Skipped layers as a fraction of all layers; default 0.3 when neither is given."""
     loi: int = DEFAULT_LOI
     """Layer optimization interval: verification steps between two DP runs per request."""
     draft_exit_threshold: float = DEFAULT_DRAFT_EXIT_THRESHOLD
@@ -42,8 +46,15 @@ class ClaspOptions:
     """Layer indices that are never skipped (negative counts from the end).
     None means (0, -1): the first and last layer always run."""
     draft_vocab_size: int | None = None
-    """If set, the draft's output head covers only token ids [0, N): cheaper drafts, still
-    lossless because verification uses the full vocabulary."""
+    """The draft's output head covers only token ids [0, N) (BPE vocabularies order ids
+    roughly by frequency): cheaper drafts, still lossless because verification uses the full
+    vocabulary and the draft's probabilities are exact for what it drafts. None means
+    min(16384, vocabulary); 0 means the whole vocabulary."""
+    prompt_lookup_max: int = 0
+    """Combine with prompt-lookup drafts: a request whose last n tokens (n from this down to
+    `prompt_lookup_min`) occurred earlier drafts what followed them, at no model cost; others
+    draft with CLaSp. 0 turns it off."""
+    prompt_lookup_min: int = DEFAULT_PROMPT_LOOKUP_MIN
 
     def __post_init__(self) -> None:
         if self.skip_layers is not None and self.skip_ratio is not None:
@@ -71,7 +82,14 @@ class ClaspOptions:
             for layer in self.never_skip:
                 _check_int("clasp_never_skip[]", layer)
             object.__setattr__(self, "never_skip", tuple(self.never_skip))
-        _check_int("clasp_draft_vocab_size", self.draft_vocab_size, low=1, allow_none=True)
+        _check_int("clasp_draft_vocab_size", self.draft_vocab_size, low=0, allow_none=True)
+        _check_int("clasp_prompt_lookup_max", self.prompt_lookup_max, low=0)
+        _check_int("clasp_prompt_lookup_min", self.prompt_lookup_min, low=1)
+        if self.prompt_lookup_max and self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(
+                f"clasp_prompt_lookup_min={self.prompt_lookup_min} must be <= "
+                f"clasp_prompt_lookup_max={self.prompt_lookup_max}"
+            )
 
     @classmethod
     def from_dict(cls, knobs: dict) -> "ClaspOptions":
@@ -112,15 +130,21 @@ class ClaspOptions:
         if self.draft_vocab_size is not None and self.draft_vocab_size > vocab_size:
             raise ValueError(
                 f"clasp_draft_vocab_size={self.draft_vocab_size} exceeds the model's "
-                f"vocabulary ({vocab_size}); allowed: 1..{vocab_size}"
+                f"vocabulary ({vocab_size}); allowed: 0..{vocab_size} (0: all)"
             )
+        if self.draft_vocab_size is None:
+            draft_vocab_size = min(DEFAULT_DRAFT_VOCAB_SIZE, vocab_size)
+        else:
+            draft_vocab_size = self.draft_vocab_size or vocab_size
         return ResolvedClaspOptions(
             num_layers=num_layers,
             num_skip=num_skip,
             never_skip=tuple(never_skip),
             loi=self.loi,
             draft_exit_threshold=float(self.draft_exit_threshold),
-            draft_vocab_size=self.draft_vocab_size,
+            draft_vocab_size=draft_vocab_size,
+            prompt_lookup_max=self.prompt_lookup_max,
+            prompt_lookup_min=self.prompt_lookup_min,
         )
 
 
@@ -133,7 +157,10 @@ class ResolvedClaspOptions:
     never_skip: tuple[bool, ...] = field(repr=False)  # [num_layers]
     loi: int
     draft_exit_threshold: float
-    draft_vocab_size: int | None
+    draft_vocab_size: int
+    """Token ids [0, draft_vocab_size) form the draft head; == vocabulary size means all."""
+    prompt_lookup_max: int
+    prompt_lookup_min: int
 
 
 def _is_number(value) -> bool:

