@@ -13,6 +13,7 @@ Keys in `--speculative-config` JSON (besides vLLM's `method` and `num_speculativ
   clasp_draft_vocab_size       int >= 0     draft head over the first N token ids (0: all)
   clasp_prompt_lookup_max      int >= 0     longest n-gram for prompt-lookup drafts (0: off)
   clasp_prompt_lookup_min      int >= 1     shortest n-gram for prompt-lookup drafts
+  clasp_adaptive               bool         turn drafting off where it measures slower
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ class ClaspOptions:
     `prompt_lookup_min`) occurred earlier drafts what followed them, at no model cost; others
     draft with CLaSp. 0 turns it off."""
     prompt_lookup_min: int = DEFAULT_PROMPT_LOOKUP_MIN
+    adaptive: bool = True
+    """Measure tokens/s with and without drafting per batch-size bucket and draft only where
+    it pays (see vllm_clasp.controller). False drafts on every step."""
 
     def __post_init__(self) -> None:
         if self.skip_layers is not None and self.skip_ratio is not None:
@@ -85,6 +89,8 @@ class ClaspOptions:
         _check_int("clasp_draft_vocab_size", self.draft_vocab_size, low=0, allow_none=True)
         _check_int("clasp_prompt_lookup_max", self.prompt_lookup_max, low=0)
         _check_int("clasp_prompt_lookup_min", self.prompt_lookup_min, low=1)
+        if not isinstance(self.adaptive, bool):
+            raise ValueError(f"clasp_adaptive must be true or false, got {self.adaptive!r}")
         if self.prompt_lookup_max and self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError(
                 f"clasp_prompt_lookup_min={self.prompt_lookup_min} must be <= "
@@ -145,6 +151,7 @@ class ClaspOptions:
             draft_vocab_size=draft_vocab_size,
             prompt_lookup_max=self.prompt_lookup_max,
             prompt_lookup_min=self.prompt_lookup_min,
+            adaptive=self.adaptive,
         )
 
 
@@ -161,6 +168,7 @@ class ResolvedClaspOptions:
     """Token ids [0, draft_vocab_size) form the draft head; == vocabulary size means all."""
     prompt_lookup_max: int
     prompt_lookup_min: int
+    adaptive: bool
 
 
 def _is_number(value) -> bool:

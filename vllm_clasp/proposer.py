@@ -24,6 +24,7 @@ import time
 import numpy as np
 import torch
 
+from vllm_clasp.controller import SpeculationController
 from vllm_clasp.decoder_stack import DecoderStack
 from vllm_clasp.draft_sampling import sample_draft_tokens
 from vllm_clasp.optimizer import search_skip_sets
@@ -64,6 +65,8 @@ class ClaspProposer:
             self.stack.use_draft_vocab(self.resolved.draft_vocab_size)
         self.never_skip = torch.tensor(self.resolved.never_skip)  # [L] bool
         self.tracker = SkipSetTracker(self.resolved.loi)
+        self.controller = SpeculationController(enabled=self.resolved.adaptive)
+        self._last_step = None  # (batch size, drafted?, start time) of the previous proposal
         logger.info(
             "CLaSp: drafting with the target's own %d layers, skipping %d per request "
             "(never skipped: %s), K=%d, LOI=%d, draft-exit threshold %.2f, draft vocab %s",
@@ -93,7 +96,16 @@ class ClaspProposer:
             i for i, sampled in enumerate(sampled_token_ids[: len(req_ids)])
             if sampled and budget[i] > 0
         ]
+        self._observe_last_step(scheduler_output, sampled_token_ids, rows)
         if not rows:
+            return drafts
+        started_step = time.perf_counter()
+        draft_now = bool(self._broadcast(
+            torch.tensor([self.controller.should_draft(len(rows))]))[0])
+        self._last_step = (len(rows), draft_now, started_step)
+        self.tracker.record_verification(req_ids[i] for i in rows)
+        if not draft_now:
+            self.stats.record_plain_step(len(rows))
             return drafts
 
         token_ids = batch.token_ids_cpu
@@ -108,7 +120,6 @@ class ClaspProposer:
                     copied[i] = draft
                     drafts[i] = draft.tolist()
             self.stats.record_prompt_lookup(len(copied), sum(len(d) for d in copied.values()))
-        self.tracker.record_verification(req_ids[i] for i in rows)
         rows = [i for i in rows if i not in copied]
 
         probs = lengths = None
@@ -135,6 +146,17 @@ class ClaspProposer:
             self._hand_over_draft_probs(req_ids, rows, probs, copied)
         self.stats.maybe_log(len(self.tracker))
         return drafts
+
+    def _observe_last_step(self, scheduler_output, sampled_token_ids, rows) -> None:
+        """Credit the tokens this verification produced to the previous step's decision."""
+        last, self._last_step = self._last_step, None
+        if last is None or scheduler_output.scheduled_new_reqs:
+            return  # a prefill in the step would distort its time
+        batch_size, drafted, started = last
+        if len(rows) != batch_size:
+            return
+        tokens = sum(len(sampled_token_ids[i]) for i in rows)
+        self.controller.observe(batch_size, drafted, tokens, time.perf_counter() - started)
 
     def _hand_over_draft_probs(self, req_ids, rows, probs, copied) -> None:
         """The runner's rejection sampler reads q from `_draft_probs` [n, K, vocab]."""

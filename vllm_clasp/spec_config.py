@@ -44,6 +44,7 @@ class ClaspSpeculativeConfig(SpeculativeConfig):
     clasp_draft_vocab_size: SkipValidation[int | None] = None
     clasp_prompt_lookup_max: SkipValidation[int | None] = None
     clasp_prompt_lookup_min: SkipValidation[int | None] = None
+    clasp_adaptive: SkipValidation[bool | None] = None
 
     def __post_init__(self):  # noqa: D105 - mirrors SpeculativeConfig's ngram/custom_class path
         if self.method != CLASP_METHOD:
@@ -105,6 +106,7 @@ class ClaspSpeculativeConfig(SpeculativeConfig):
             "draft_vocab_size": self.clasp_draft_vocab_size,
             "prompt_lookup_max": self.clasp_prompt_lookup_max,
             "prompt_lookup_min": self.clasp_prompt_lookup_min,
+            "adaptive": self.clasp_adaptive,
         }
         return ClaspOptions(**{k: v for k, v in knobs.items() if v is not None})
 

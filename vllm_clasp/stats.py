@@ -35,6 +35,9 @@ class ClaspStats:
     num_prompt_lookup_rounds: int = 0
     """Requests x verification steps that drafted by prompt lookup instead of the model."""
     num_prompt_lookup_tokens: int = 0
+    num_plain_steps: int = 0
+    """Steps on which the adaptive controller turned drafting off (it measured slower)."""
+    num_plain_rounds: int = 0
     skipped_layers: Counter = field(default_factory=Counter)
     """Distribution of the number of skipped layers per drafting request."""
     _last_log: float = field(default_factory=time.monotonic, repr=False)
@@ -55,6 +58,10 @@ class ClaspStats:
         self.draft_time_s += seconds
         self.skipped_layers.update(skip.sum(dim=1).tolist())
 
+    def record_plain_step(self, num_requests: int) -> None:
+        self.num_plain_steps += 1
+        self.num_plain_rounds += num_requests
+
     def record_exits(self, count: int) -> None:
         self.num_threshold_exits += count
 
@@ -69,6 +76,8 @@ class ClaspStats:
             "num_threshold_exits": self.num_threshold_exits,
             "num_prompt_lookup_rounds": self.num_prompt_lookup_rounds,
             "num_prompt_lookup_tokens": self.num_prompt_lookup_tokens,
+            "num_plain_steps": self.num_plain_steps,
+            "num_plain_rounds": self.num_plain_rounds,
             "skipped_layers": dict(self.skipped_layers),
         }
 
@@ -80,8 +89,8 @@ class ClaspStats:
         rounds = max(self.num_draft_rounds, 1)
         logger.info(
             "CLaSp: %d DP runs (%.1f ms each), %.2f draft tokens per round (%.1f ms per round), "
-            "%d threshold exits, %d requests tracked",
+            "%d threshold exits, %d steps without drafts, %d requests tracked",
             self.num_searches, 1e3 * self.search_time_s / max(self.num_search_calls, 1),
             self.num_draft_tokens / rounds, 1e3 * self.draft_time_s / rounds,
-            self.num_threshold_exits, num_tracked,
+            self.num_threshold_exits, self.num_plain_steps, num_tracked,
         )
