@@ -22,6 +22,14 @@ class PagedRows:
         self.runner = runner
         self.device = runner.device
         self.attn_groups = runner.attn_groups[0]
+        for group in self.attn_groups:
+            # Read-only DP rows rely on the KV write happening outside the attention forward,
+            # in unified_kv_cache_update, which skips layers absent from the slot mapping.
+            if getattr(group.backend, "forward_includes_kv_cache_update", True):
+                raise ValueError(
+                    f"CLaSp cannot use attention backend {group.backend.get_name()}: it writes "
+                    "the KV cache inside its forward, so the DP could not read without writing"
+                )
         self.block_table = runner.input_batch.block_table[0]
         self.block_size = self.block_table.block_size
 

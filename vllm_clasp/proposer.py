@@ -33,7 +33,7 @@ from vllm_clasp.prompt_lookup import prompt_lookup
 from vllm_clasp.skip_state import SkipSetTracker
 from vllm_clasp.stats import ClaspStats
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("vllm.clasp.proposer")  # covered by vLLM's logging setup
 
 
 class ClaspProposer:
@@ -61,8 +61,11 @@ class ClaspProposer:
     def load_model(self, model) -> None:
         self.stack = DecoderStack(model)
         self.resolved = self.options.resolve(self.stack.num_layers, self.vocab_size)
-        if self.resolved.draft_vocab_size < self.vocab_size:
-            self.stack.use_draft_vocab(self.resolved.draft_vocab_size)
+        draft_vocab = self.vocab_size
+        if self.resolved.draft_vocab_size < self.vocab_size and self.stack.use_draft_vocab(
+            self.resolved.draft_vocab_size
+        ):
+            draft_vocab = self.resolved.draft_vocab_size
         self.never_skip = torch.tensor(self.resolved.never_skip)  # [L] bool
         self.tracker = SkipSetTracker(self.resolved.loi)
         self.controller = SpeculationController(enabled=self.resolved.adaptive)
@@ -73,7 +76,7 @@ class ClaspProposer:
             self.stack.num_layers, self.resolved.num_skip,
             [i for i, never in enumerate(self.resolved.never_skip) if never],
             self.num_speculative_tokens, self.resolved.loi, self.resolved.draft_exit_threshold,
-            self.resolved.draft_vocab_size,
+            draft_vocab,
         )
 
     # ------------------------------------------------------------------ the runner's entry

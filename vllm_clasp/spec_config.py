@@ -23,7 +23,6 @@ CLASP_METHOD = "clasp"
 # `model.compute_logits`. Llama is tested; the others share vLLM's Llama layer contract.
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
-    "MistralForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
 )
@@ -54,7 +53,7 @@ class ClaspSpeculativeConfig(SpeculativeConfig):
                 "method='clasp' drafts with the target model itself; do not set 'model' "
                 f"(got {self.model!r})"
             )
-        if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "1":
+        if _forces_v2_runner(os.environ.get("VLLM_USE_V2_MODEL_RUNNER")):
             raise ValueError(
                 "method='clasp' runs on vLLM's V1 model runner, but VLLM_USE_V2_MODEL_RUNNER=1 "
                 "forces V2; unset it"
@@ -115,6 +114,16 @@ class ClaspSpeculativeConfig(SpeculativeConfig):
             f"ClaspSpeculativeConfig(method='clasp', "
             f"num_spec_tokens={self.num_speculative_tokens}, {self.clasp_options()})"
         )
+
+
+def _forces_v2_runner(value: str | None) -> bool:
+    """vLLM reads VLLM_USE_V2_MODEL_RUNNER as bool(int(value)) when set."""
+    if value is None or not value.strip():
+        return False
+    try:
+        return bool(int(value))
+    except ValueError:
+        return False
 
 
 def is_clasp(speculative_config) -> bool:

