@@ -207,16 +207,25 @@ def plan_layer_calls(num_layers: int, max_skip: int, never_skip=None,
 
 
 def search_skip_sets(trajectory: torch.Tensor, run_layer: RunLayer, max_skip: int,
-                     never_skip=None, min_skip: int | None = None) -> SkipSearch:
+                     never_skip=None, min_skip: int | None = None,
+                     num_layers: int | None = None) -> SkipSearch:
     """Run the CLaSp DP for B requests at once.
 
     trajectory: [L+1, B, d] full-model residual stream (pre final norm) of each request's token;
-        trajectory[0] = embeddings, trajectory[i] = output of layer i-1.
+        trajectory[0] = embeddings, trajectory[i] = output of layer i-1. Or [1, B, d], the
+        embeddings only: then layer i-1's call also runs the B trajectory rows (first, request
+        order) and the DP computes h_i itself, in the same call as the candidates (one call
+        per layer in all, instead of a separate pass for the trajectory).
     max_skip: J, the largest skip count any request will ask for.
     min_skip: the smallest skip count any request will ask for (default J); prunes only.
     never_skip: layers that always run (None, [L] bool, or indices).
     """
     L1, B, d = trajectory.shape
+    online = L1 == 1
+    if online:
+        if num_layers is None:
+            raise ValueError("num_layers is required when the trajectory holds h_0 only")
+        L1 = num_layers + 1
     L, J = L1 - 1, int(max_skip)
     dev, dtype = trajectory.device, trajectory.dtype
     plan = plan_layer_calls(L, J, never_skip, min_skip)  # validates J, min_skip
@@ -225,7 +234,7 @@ def search_skip_sets(trajectory: torch.Tensor, run_layer: RunLayer, max_skip: in
 
     skipped_here = torch.zeros(L, B, J + 1, dtype=torch.bool, device=dev)  # [L, B, J+1]
     final_cos = torch.full((B, J + 1), float("nan"), dtype=torch.float32, device=dev)  # [B, J+1]
-    final_cos[:, 0] = F.cosine_similarity(trajectory[L].float(), trajectory[L].float(), dim=-1)
+    final_cos[:, 0] = 1.0
     if J == 0:
         return SkipSearch(skipped_here, final_cos)
 
@@ -235,17 +244,25 @@ def search_skip_sets(trajectory: torch.Tensor, run_layer: RunLayer, max_skip: in
     neg_inf = torch.full((B, J + 1), float("-inf"), dtype=torch.float32, device=dev)  # [B, J+1]
     b_rows = torch.arange(B, device=dev)  # [B]
 
+    h = trajectory[0]  # [B, d] h_{i-1} when computing online
     for i in range(1, L + 1):
         layer = i - 1
         (exec_js, skip_js), (ej, sj) = plan[layer], idx[layer]  # ej [E], sj [K]
-        target = trajectory[i].float()  # [B, d]
+        E = len(exec_js)
+        states = cur[:, ej].reshape(B * E, d)  # [B*E, d] request-major
+        rows = b_rows.repeat_interleave(E)  # [B*E]
+        if online:  # the trajectory rows ride along in the same call
+            states, rows = torch.cat([h, states]), torch.cat([b_rows, rows])
+        out = run_layer(layer, states, rows) if len(rows) else states  # [(B+)B*E, d]
+        if online:
+            h, out = out[:B].to(dtype), out[B:]
+        else:
+            h = trajectory[i]
+        target = h.float()  # [B, d]
         cos_exec = neg_inf.clone()  # [B, J+1]
         cos_skip = neg_inf.clone()  # [B, J+1]
-        nxt[:, 0] = trajectory[i]
+        nxt[:, 0] = h
         if exec_js:
-            E = len(exec_js)
-            states = cur[:, ej].reshape(B * E, d)  # [B*E, d] request-major
-            out = run_layer(layer, states, b_rows.repeat_interleave(E))  # [B*E, d]
             out = out.reshape(B, E, d).to(dtype)  # [B, E, d]
             nxt[:, ej] = out
             cos_exec[:, ej] = F.cosine_similarity(out.float(), target[:, None], dim=-1)  # [B, E]

@@ -103,14 +103,9 @@ class ClaspProposer:
         if not rows:
             return drafts
         started_step = time.perf_counter()
-        draft_now = bool(self._broadcast(
-            torch.tensor([self.controller.should_draft(len(rows))]))[0])
-        self._last_step = (len(rows), draft_now, started_step)
         self.tracker.record_verification(req_ids[i] for i in rows)
-        if not draft_now:
-            self.stats.record_plain_step(len(rows))
-            return drafts
 
+        # Prompt-lookup drafts cost nothing to make: use them wherever the context repeats.
         token_ids = batch.token_ids_cpu
         copied: dict[int, np.ndarray] = {}
         if self.resolved.prompt_lookup_max:
@@ -123,7 +118,19 @@ class ClaspProposer:
                     copied[i] = draft
                     drafts[i] = draft.tolist()
             self.stats.record_prompt_lookup(len(copied), sum(len(d) for d in copied.values()))
-        rows = [i for i in rows if i not in copied]
+        rows_all, rows = rows, [i for i in rows if i not in copied]
+
+        # Model drafts cost a fraction of a step each: the controller decides by measurement
+        # (on steps without copied drafts, so the two kinds of draft are not confused).
+        draft_now = True
+        if rows:
+            draft_now = bool(self._broadcast(
+                torch.tensor([self.controller.should_draft(len(rows))]))[0])
+            if not draft_now:
+                self.stats.record_plain_step(len(rows))
+                rows = []
+        if not copied:
+            self._last_step = (len(rows_all), draft_now, started_step)
 
         probs = lengths = None
         if rows:
@@ -194,15 +201,12 @@ class ClaspProposer:
             with self._forward_context(metadata, len(req_rows_cpu), slot_mapping={}):
                 return stack.run_layer(layer, positions_dev, states)
 
-        all_rows = torch.arange(len(batch_rows))
-        stream = stack.embed(tokens.to(rows.device))  # [B, d]
-        trajectory = [stream]
-        for layer in range(stack.num_layers):
-            stream = run(layer, stream, all_rows)
-            trajectory.append(stream)
+        # Only h_0 is given: each layer's call also carries the B trajectory rows, so the
+        # full-model trajectory and the candidates share one call per layer.
+        embeddings = stack.embed(tokens.to(rows.device))  # [B, d]
         search = search_skip_sets(
-            torch.stack(trajectory), run, max_skip=self.resolved.num_skip,
-            never_skip=self.never_skip,
+            embeddings.unsqueeze(0), run, max_skip=self.resolved.num_skip,
+            never_skip=self.never_skip, num_layers=stack.num_layers,
         )
         masks = search.skip_mask(self.resolved.num_skip).cpu()  # [B, L]
         return self._broadcast(masks)

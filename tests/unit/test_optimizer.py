@@ -314,3 +314,26 @@ def test_bfloat16_states():
     assert isinstance(res, SkipSearch)
     check_mask(res.skip_mask(J), J, torch.tensor([True] + [False] * (L - 1)))
     assert (res.cosine(J) > 0).all()
+
+
+def test_online_trajectory_equals_given_trajectory_with_one_call_per_layer():
+    """Passing only h_0 makes the DP compute h_1..h_L in the candidates' own layer calls."""
+    B, L, d, J = 3, 9, 12, 4
+    traj, run_layer, _ = per_request_problem(B, L, d, seed=5)
+    calls = []
+
+    def counting(i, states, rows):
+        calls.append((i, len(rows)))
+        return run_layer(i, states, rows)
+
+    given = search_skip_sets(traj, run_layer, max_skip=J, never_skip=[0, -1], min_skip=1)
+    online = search_skip_sets(traj[:1], counting, max_skip=J, never_skip=[0, -1], min_skip=1,
+                              num_layers=L)
+    assert [i for i, _ in calls] == list(range(L))
+    for m in range(1, J + 1):
+        assert torch.equal(given.skip_mask(m), online.skip_mask(m))
+    torch.testing.assert_close(given.final_cosine, online.final_cosine, equal_nan=True)
+    plan = plan_layer_calls(L, J, [0, -1], 1)
+    assert [n for _, n in calls] == [B + B * len(e) for e, _ in plan]
+    with pytest.raises(ValueError, match="num_layers"):
+        search_skip_sets(traj[:1], run_layer, max_skip=J)
