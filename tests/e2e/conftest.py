@@ -67,6 +67,11 @@ class EnginePool:
         gc.collect()
 
 
+def pytest_collection_modifyitems(config, items):
+    """bfloat16 engine tests last: the float32 engines the other files share stay alive."""
+    items.sort(key=lambda item: item.get_closest_marker("bf16") is not None)
+
+
 @pytest.fixture(scope="session")
 def model_dir() -> str:
     from vllm_clasp.model_prep import prepare_model

@@ -83,7 +83,9 @@ def reference(engines):
 
 
 @pytest.mark.parametrize("dtype, batch_size", [
-    ("float32", 1), ("float32", 8), ("bfloat16", 1), ("bfloat16", 8),
+    ("float32", 1), ("float32", 8),
+    pytest.param("bfloat16", 1, marks=pytest.mark.bf16),
+    pytest.param("bfloat16", 8, marks=pytest.mark.bf16),
 ])
 def test_greedy_equals_plain(engines, reference, dtype, batch_size):
     prompts, expected = reference(dtype)
