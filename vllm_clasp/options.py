@@ -26,7 +26,7 @@ DEFAULT_SKIP_RATIO = 0.3
 DEFAULT_LOI = 16
 DEFAULT_DRAFT_VOCAB_SIZE = 16384
 DEFAULT_DRAFT_EXIT_THRESHOLD = 0.7
-DEFAULT_PROMPT_LOOKUP_MIN = 2
+DEFAULT_PROMPT_LOOKUP_MIN = 3
 
 KNOB_PREFIX = "clasp_"
 
@@ -55,7 +55,8 @@ class ClaspOptions:
     """Combine with prompt-lookup drafts: a request whose last n tokens (n from this down to
     `prompt_lookup_min`) occurred earlier drafts what followed them, at no model cost; others
     draft with CLaSp. 0 turns it off."""
-    prompt_lookup_min: int = DEFAULT_PROMPT_LOOKUP_MIN
+    prompt_lookup_min: int | None = None
+    """Shortest n-gram that counts as a match; None means min(3, prompt_lookup_max)."""
     adaptive: bool = True
     """Measure tokens/s with and without drafting per batch-size bucket and draft only where
     it pays (see vllm_clasp.controller). False drafts on every step."""
@@ -88,10 +89,11 @@ class ClaspOptions:
             object.__setattr__(self, "never_skip", tuple(self.never_skip))
         _check_int("clasp_draft_vocab_size", self.draft_vocab_size, low=0, allow_none=True)
         _check_int("clasp_prompt_lookup_max", self.prompt_lookup_max, low=0)
-        _check_int("clasp_prompt_lookup_min", self.prompt_lookup_min, low=1)
+        _check_int("clasp_prompt_lookup_min", self.prompt_lookup_min, low=1, allow_none=True)
         if not isinstance(self.adaptive, bool):
             raise ValueError(f"clasp_adaptive must be true or false, got {self.adaptive!r}")
-        if self.prompt_lookup_max and self.prompt_lookup_min > self.prompt_lookup_max:
+        if (self.prompt_lookup_max and self.prompt_lookup_min is not None
+                and self.prompt_lookup_min > self.prompt_lookup_max):
             raise ValueError(
                 f"clasp_prompt_lookup_min={self.prompt_lookup_min} must be <= "
                 f"clasp_prompt_lookup_max={self.prompt_lookup_max}"
@@ -150,7 +152,10 @@ class ClaspOptions:
             draft_exit_threshold=float(self.draft_exit_threshold),
             draft_vocab_size=draft_vocab_size,
             prompt_lookup_max=self.prompt_lookup_max,
-            prompt_lookup_min=self.prompt_lookup_min,
+            prompt_lookup_min=(
+                self.prompt_lookup_min if self.prompt_lookup_min is not None
+                else min(DEFAULT_PROMPT_LOOKUP_MIN, self.prompt_lookup_max or DEFAULT_PROMPT_LOOKUP_MIN)
+            ),
             adaptive=self.adaptive,
         )
 

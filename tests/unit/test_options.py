@@ -53,7 +53,7 @@ def test_defaults():
     assert options.never_skip is None
     assert options.draft_vocab_size is None
     assert options.prompt_lookup_max == 0  # prompt lookup is off unless asked for
-    assert options.prompt_lookup_min == DEFAULT_PROMPT_LOOKUP_MIN
+    assert options.prompt_lookup_min is None  # resolved to min(default, prompt_lookup_max)
     assert options.adaptive is True
     # The defaults themselves pass validation.
     assert 0 <= DEFAULT_SKIP_RATIO < 1 and isinstance(DEFAULT_LOI, int) and DEFAULT_LOI >= 1
@@ -221,6 +221,13 @@ def test_prompt_lookup_max_bad(value):
 def test_prompt_lookup_min_bad(value):
     message = _error(prompt_lookup_min=value)
     assert "clasp_prompt_lookup_min" in message and "an integer >= 1" in message
+
+
+def test_prompt_lookup_min_follows_a_small_max():
+    resolved = ClaspOptions(prompt_lookup_max=2).resolve(num_layers=30, vocab_size=49152)
+    assert resolved.prompt_lookup_min == 2
+    resolved = ClaspOptions(prompt_lookup_max=5).resolve(num_layers=30, vocab_size=49152)
+    assert resolved.prompt_lookup_min == DEFAULT_PROMPT_LOOKUP_MIN
 
 
 def test_prompt_lookup_min_above_max():
