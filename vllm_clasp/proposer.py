@@ -103,7 +103,6 @@ class ClaspProposer:
         if not rows:
             return drafts
         started_step = time.perf_counter()
-        self.tracker.record_verification(req_ids[i] for i in rows)
 
         # Prompt-lookup drafts cost nothing to make: use them wherever the context repeats.
         token_ids = batch.token_ids_cpu
@@ -129,6 +128,9 @@ class ClaspProposer:
             if not draft_now:
                 self.stats.record_plain_step(len(rows))
                 rows = []
+        # LOI counts the verification steps a request drafted with its skip set; steps without
+        # model drafts would otherwise make every occasional model draft pay for a DP run.
+        self.tracker.record_verification(req_ids[i] for i in rows)
         if not copied:
             self._last_step = (len(rows_all), draft_now, started_step)
 

@@ -1,0 +1,57 @@
+"""CI-sized `vllm-clasp bench`: one Spec-Bench question per group, batch sizes 1 and 8.
+
+Runs the real CLI in a subprocess (three engines held at once: plain, clasp, ngram) and
+checks that it finishes, writes results.json covering every group and batch size, and that
+greedy outputs equal plain decoding's. It fails on output mismatch, never on speed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.engine
+
+QUESTIONS = Path(__file__).resolve().parents[3] / "shared" / "data" / "spec_bench" / "question.jsonl"
+GROUPS = ["mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag"]
+METHODS = ["plain", "clasp", "ngram"]
+TIMEOUT_S = 600
+
+
+@pytest.mark.skipif(not QUESTIONS.is_file(), reason=f"Spec-Bench data not found at {QUESTIONS}")
+def test_bench_small(tmp_path, model_dir):
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "vllm_clasp.cli", "bench", "--questions", str(QUESTIONS),
+           "--per-category", "1", "--batch-sizes", "1,8", "--max-tokens", "32",
+           "--methods", ",".join(METHODS), "--warmup", "1", "--out", str(out),
+           "--model", model_dir, "--no-progress", "--enforce-eager"]  # compiling: +10 min
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
+    print(proc.stdout)  # the table (shown with -s or on failure)
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}")
+
+    result = json.loads((out / "results.json").read_text())
+    assert result["errors"] == []
+    assert result["config"]["categories"] == GROUPS
+    assert [m["name"] for m in result["config"]["methods"]] == METHODS
+    rows = {(r["batch_size"], r["group"], r["method"]): r for r in result["summary"]}
+    for bs in (1, 8):
+        for group in [*GROUPS, "overall"]:
+            for method in METHODS:
+                assert (bs, group, method) in rows, (bs, group, method)
+    for method in ("clasp", "ngram"):
+        for bs in (1, 8):
+            row = rows[(bs, "overall", method)]
+            assert row["identical"] == row["compared"] == 6, result["mismatches"][method]
+            assert row["drafts"] > 0, f"{method} at batch size {bs} never drafted"
+    clasp = rows[(1, "overall", "clasp")]["clasp"]
+    assert clasp["search_time_s"] > 0 and clasp["draft_time_s"] > 0
+    assert (out / "speedup_by_group.png").is_file()
+    assert (out / "speedup_vs_batch_size.png").is_file()
+    assert "outputs identical to plain" in proc.stdout

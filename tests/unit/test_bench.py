@@ -1,0 +1,340 @@
+"""Tests of vllm_clasp.bench without an engine: inputs, Spec-Bench arithmetic, report files."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from vllm_clasp import bench, cli, demo
+from vllm_clasp.bench import BASELINE, Question
+
+SPEC_BENCH = Path(__file__).resolve().parents[3] / "shared" / "data" / "spec_bench" / "question.jsonl"
+
+
+def write_questions(path: Path) -> Path:
+    lines = []
+    qid = 0
+    for category in bench.MT_BENCH_CATEGORIES:
+        for i in range(3):
+            qid += 1
+            lines.append({"question_id": qid, "category": category,
+                          "turns": [f"{category} {i}", "second turn"]})
+    for group in bench.GROUPS[1:]:
+        for i in range(4):
+            qid += 1
+            lines.append({"question_id": qid, "category": group, "turns": [f"{group} {i}"]})
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------- questions
+
+
+def test_load_questions_groups_mt_bench_categories(tmp_path):
+    questions = bench.load_questions(write_questions(tmp_path / "q.jsonl"))
+    assert len(questions) == 8 * 3 + 5 * 4
+    assert {q.group for q in questions} == set(bench.GROUPS)
+    writing = next(q for q in questions if q.category == "writing")
+    assert writing.group == "mt_bench" and writing.text == "writing 0"  # first turn only
+
+
+def test_select_per_category_offset_and_round_robin(tmp_path):
+    questions = bench.load_questions(write_questions(tmp_path / "q.jsonl"))
+    chosen = bench.select_questions(questions, ["mt_bench", "qa"], per_category=3)
+    assert [q.group for q in chosen] == ["mt_bench"] * 3 + ["qa"] * 3
+    # mt_bench round-robin over its categories: writing, roleplay, reasoning, ...
+    assert [q.text for q in chosen[:3]] == ["writing 0", "roleplay 0", "reasoning 0"]
+    assert [q.text for q in chosen[3:]] == ["qa 0", "qa 1", "qa 2"]
+    later = bench.select_questions(questions, ["mt_bench", "qa"], per_category=2, offset=8)
+    # mt_bench index 8 starts the second lap; qa has only 4 questions, none after offset 8.
+    assert [q.text for q in later] == ["writing 1", "roleplay 1"]
+
+
+def test_offset_halves_are_disjoint(tmp_path):
+    questions = bench.load_questions(write_questions(tmp_path / "q.jsonl"))
+    first = bench.select_questions(questions, bench.GROUPS, per_category=2)
+    second = bench.select_questions(questions, bench.GROUPS, per_category=2, offset=2)
+    assert len(first) == len(second) == 12
+    assert not {q.question_id for q in first} & {q.question_id for q in second}
+
+
+def test_bad_question_line_names_file_and_line(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"question_id": 1, "category": "qa", "turns": ["x"]}\n{"oops": 1}\n')
+    with pytest.raises(ValueError, match=r"q.jsonl:2"):
+        bench.load_questions(path)
+
+
+@pytest.mark.skipif(not SPEC_BENCH.is_file(), reason="shared Spec-Bench data not present")
+def test_real_spec_bench_file():
+    questions = bench.load_questions(SPEC_BENCH)
+    assert len(questions) == 480
+    counts = {g: sum(q.group == g for q in questions) for g in bench.GROUPS}
+    assert counts == {g: 80 for g in bench.GROUPS}
+    mt = bench.select_questions(questions, ["mt_bench"], per_category=8)
+    assert sorted(q.category for q in mt) == sorted(bench.MT_BENCH_CATEGORIES)
+
+
+def test_missing_default_questions_file_explains_flag(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="--questions"):
+        bench.resolve_questions(bench.BenchOptions())
+
+
+# --------------------------------------------------------------------------- methods
+
+
+def test_parse_builtin_methods():
+    methods = bench.parse_methods("plain,clasp,ngram")
+    assert [m.name for m in methods] == ["plain", "clasp", "ngram"]
+    assert methods[0].speculative_config is None
+    assert methods[1].speculative_config == {"method": "clasp"}
+    assert methods[2].speculative_config == {"method": "ngram", "num_speculative_tokens": 4}
+
+
+def test_parse_named_json_with_commas_and_plain_first():
+    methods = bench.parse_methods(
+        'clasp8={"method": "clasp", "clasp_skip_layers": 8, "clasp_never_skip": [0, 1]},plain')
+    assert [m.name for m in methods] == ["plain", "clasp8"]
+    assert methods[1].speculative_config == {
+        "method": "clasp", "clasp_skip_layers": 8, "clasp_never_skip": [0, 1]}
+
+
+def test_plain_is_added_and_sweep_appends_clasp_methods():
+    methods = bench.parse_methods("clasp", sweep_skip=(4, 12))
+    assert [m.name for m in methods] == ["plain", "clasp", "clasp-skip4", "clasp-skip12"]
+    assert methods[3].speculative_config == {"method": "clasp", "clasp_skip_layers": 12}
+
+
+@pytest.mark.parametrize("spec, match", [
+    ('x={"method": "clasp"', "invalid JSON"),
+    ('x=[1, 2]', "object with a \"method\" key"),
+    ('x={"num_speculative_tokens": 3}', "\"method\" key"),
+    ("medusa", "unknown method"),
+    ("clasp,clasp", "duplicate"),
+])
+def test_bad_methods(spec, match):
+    with pytest.raises(ValueError, match=match):
+        bench.parse_methods(spec)
+
+
+def test_parse_int_list():
+    assert bench.parse_int_list("1, 8,32", "--batch-sizes", low=1) == (1, 8, 32)
+    for bad in ("", "0", "a,b"):
+        with pytest.raises(ValueError, match="--batch-sizes"):
+            bench.parse_int_list(bad, "--batch-sizes", low=1)
+
+
+# --------------------------------------------------------------------------- arithmetic
+
+
+def test_speedup_is_ratio_of_means_not_mean_of_ratios():
+    assert bench.speedup([10.0, 1.0], [5.0, 1.0]) == pytest.approx(5.5 / 3.0)  # not 1.5
+    assert bench.speedup([], [1.0]) is None
+    assert bench.speedup([1.0], []) is None
+
+
+def test_acceptance_length_includes_bonus_token():
+    assert bench.acceptance_length(drafts=10, accepted=25) == pytest.approx(3.5)
+    assert bench.acceptance_length(drafts=0, accepted=0) is None
+    # 100 tokens with 60 accepted drafts took 40 target passes (prefill included).
+    assert bench.tokens_per_step(100, 60) == pytest.approx(2.5)
+    assert bench.tokens_per_step(100, 0) == pytest.approx(1.0)
+
+
+def test_identical_counting_and_first_difference():
+    ref = {1: [1, 2, 3], 2: [4, 5], 3: [7]}
+    got = {1: [1, 2, 3], 2: [4, 6], 4: [9]}
+    assert bench.count_identical(ref, got) == (1, 2, [2])
+    assert bench.first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert bench.first_difference([1, 2, 3], [1, 9, 3]) == 1
+    assert bench.first_difference([1, 2, 3], [1, 2]) == 2
+
+
+# --------------------------------------------------------------------------- summary / report
+
+
+def fake_run(batch_sizes=(1, 4), sweep=True):
+    """Records and calls as `_measure` would produce them, with made-up timings."""
+    questions = [Question(i, g, g, f"{g}?") for i, g in enumerate(["qa", "qa", "rag", "rag"])]
+    methods = ["plain", "clasp", "ngram"] + (["clasp-skip4", "clasp-skip12"] if sweep else [])
+    speed = {"plain": 10.0, "clasp": 15.0, "ngram": 12.0, "clasp-skip4": 11.0,
+             "clasp-skip12": 16.0}
+    records, calls = [], []
+    for bs in batch_sizes:
+        for start in range(0, len(questions), bs):
+            qs = questions[start:start + bs]
+            for m in methods:
+                tokens = 20
+                wall = tokens * len(qs) / (speed[m] * (1.5 if bs > 1 else 1.0))
+                calls.append({
+                    "method": m, "batch_size": bs, "round": 0, "batch_start": start,
+                    "question_ids": [q.question_id for q in qs], "groups": [q.group for q in qs],
+                    "wall_s": wall, "num_tokens": [tokens] * len(qs),
+                    "drafts": 0 if m == "plain" else 4 * len(qs),
+                    "draft_tokens": 0 if m == "plain" else 16 * len(qs),
+                    "accepted": 0 if m == "plain" else 8 * len(qs),
+                    "clasp": ({"search_time_s": 0.1 * wall, "draft_time_s": 0.3 * wall,
+                               "num_searches": 1, "skipped_layers": {"15": 4}}
+                              if m.startswith("clasp") else None),
+                })
+                for q in qs:
+                    ids = [1, 2, 4] if m == "ngram" and q.question_id == 0 else [1, 2, 3]
+                    records.append({
+                        "method": m, "batch_size": bs, "round": 0, "question_id": q.question_id,
+                        "group": q.group, "category": q.category, "num_tokens": tokens,
+                        "wall_s": wall, "tps": tokens / wall, "token_ids": ids, "text": "answer",
+                        "identical": None if m == BASELINE else ids == [1, 2, 3],
+                        "first_difference": None if m == BASELINE or ids == [1, 2, 3] else 2,
+                    })
+    return methods, records, calls
+
+
+def fake_result(batch_sizes=(1, 4), sweep=True):
+    methods, records, calls = fake_run(batch_sizes, sweep)
+    groups = ["qa", "rag"]
+    summary = bench.summarize(records, calls, methods, groups, batch_sizes)
+    specs = bench.parse_methods(",".join(m for m in methods if not m.startswith("clasp-skip")),
+                                sweep_skip=(4, 12) if sweep else ())
+    return {
+        "config": {"model": "/m", "categories": groups, "per_category": 2, "offset": 0,
+                   "max_tokens": 20, "temperature": 0.0, "dtype": "float32", "rounds": 1,
+                   "enforce_eager": True, "batch_sizes": list(batch_sizes),
+                   "methods": [{"name": m.name, "speculative_config": m.speculative_config,
+                                "sweep": m.name.startswith("clasp-skip"), "resolved": None}
+                               for m in specs]},
+        "machine": {"cpu_model": "test CPU", "cpus": 2, "iomp": {"in_ld_preload": True}},
+        "num_prompts": 4, "summary": summary, "mismatches": bench.mismatches(records, methods),
+        "errors": [], "records": records, "calls": calls,
+    }
+
+
+def row(result, bs, group, method):
+    return bench._find(result["summary"], bs, group, method)
+
+
+def test_summary_speedup_tau_identity_and_time_split():
+    result = fake_result()
+    clasp = row(result, 1, "overall", "clasp")
+    assert clasp["mean_tps"] == pytest.approx(15.0)
+    assert clasp["speedup"] == pytest.approx(1.5)
+    assert clasp["tau"] == pytest.approx(3.0)  # 1 + 8/4
+    assert clasp["identical"] == 4 and clasp["compared"] == 4
+    assert clasp["clasp"]["dp_pct"] == pytest.approx(10.0)
+    assert clasp["clasp"]["draft_pct"] == pytest.approx(30.0)
+    assert clasp["clasp"]["other_pct"] == pytest.approx(60.0)
+    assert row(result, 1, "overall", "plain")["tau"] == 1.0
+    ngram = row(result, 1, "qa", "ngram")
+    assert ngram["identical"] == 1 and ngram["compared"] == 2
+    assert row(result, 4, "overall", "clasp")["batch_throughput_tps"] == pytest.approx(22.5)
+
+
+def test_group_call_figures_use_pure_batches_only():
+    result = fake_result(batch_sizes=(1, 4))
+    mixed = row(result, 4, "qa", "clasp")  # the one batch of 4 mixes qa and rag
+    assert mixed["num_prompts"] == 2 and mixed["mean_tps"] is not None
+    assert mixed["calls"] == 0 and mixed["tau"] is None
+    assert row(result, 4, "overall", "clasp")["tau"] == pytest.approx(3.0)
+
+
+def test_mismatch_shares():
+    mm = fake_result()["mismatches"]
+    assert mm["clasp"]["differing"] == 0
+    assert mm["ngram"]["differing"] == 2 and mm["ngram"]["compared"] == 8
+    assert mm["ngram"]["share"] == pytest.approx(0.25)
+    assert {p["batch_size"] for p in mm["ngram"]["prompts"]} == {1, 4}
+    assert BASELINE not in mm
+
+
+def test_report_and_files(tmp_path):
+    result = fake_result()
+    text = bench.format_report(result)
+    assert "batch size 1" in text and "batch size 4" in text
+    assert "1.50x" in text and "ngram: 2/8 outputs differ" in text
+    assert "clasp time split" in text
+    paths = bench.write_results(result, tmp_path / "out")
+    names = {p.name for p in paths}
+    assert names == {"results.json", "speedup_by_group.png", "speedup_vs_batch_size.png",
+                     "skip_sweep.png"}
+    for p in paths:
+        assert p.stat().st_size > 0
+    loaded = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert loaded["summary"] == json.loads(json.dumps(result["summary"]))
+
+
+def test_single_batch_size_without_sweep_writes_one_plot(tmp_path):
+    paths = bench.write_results(fake_result(batch_sizes=(1,), sweep=False), tmp_path)
+    assert sorted(p.name for p in paths) == ["results.json", "speedup_by_group.png"]
+
+
+def test_demo_summary_line():
+    result = fake_result(batch_sizes=(1,), sweep=False)
+    result["questions"] = [{"question_id": i, "group": g, "text": f"{g} question {i}"}
+                           for i, g in enumerate(["qa", "qa", "rag", "rag"])]
+    text = demo.summary(result, show=1)
+    assert text.startswith("### [qa] qa question 0\nanswer\n")
+    assert ("CLaSp: mean acceptance length 3.00, speedup 1.50x vs plain on 4 prompts"
+            in text)
+    assert "outputs identical: 4/4" in text
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_usage_errors_exit_2_without_engine(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["bench"]) == cli.EXIT_USAGE
+    assert "--questions" in capsys.readouterr().err
+    q = write_questions(tmp_path / "q.jsonl")
+    assert cli.main(["bench", "--questions", str(q), "--methods", "x={bad"]) == cli.EXIT_USAGE
+    assert "invalid JSON" in capsys.readouterr().err
+    assert cli.main(["bench", "--questions", str(q), "--categories", "qa,nope"]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert cli.main(["bench", "--questions", str(q), "--batch-sizes", "0"]) == 2
+
+
+def test_no_reexec_outside_the_cli(monkeypatch):
+    called = []
+    monkeypatch.setattr(os, "execv", lambda *a: called.append(a))
+    monkeypatch.delenv(bench.IOMP_GUARD_ENV, raising=False)
+    bench.maybe_reexec_with_iomp(True)  # sys.argv[0] is pytest here
+    assert not called
+
+
+def test_subcommands_registered():
+    assert {"bench", "demo"} <= set(cli.SUBCOMMANDS)
+    parser = cli.build_parser()
+    args = parser.parse_args(["bench", "--batch-sizes", "1,8", "--enforce-eager"])
+    options = bench.options_from_args(args)
+    assert options.batch_sizes == (1, 8) and options.enforce_eager is True
+    assert bench.options_from_args(parser.parse_args(["bench"])).enforce_eager is False
+    assert parser.parse_args(["demo"]).enforce_eager is True
+    assert options.out.startswith("bench-results")
+    assert isinstance(options.methods, str)  # parsed by run_bench
+
+
+def test_iomp_reexec_once_from_the_cli(monkeypatch):
+    calls = []
+    monkeypatch.setattr(os, "execv", lambda exe, argv: calls.append((exe, argv)))
+    monkeypatch.setattr(bench, "find_iomp", lambda: "/venv/lib/libiomp5.so")
+    monkeypatch.setattr(bench, "_on_cpu", lambda: True)
+    monkeypatch.setattr(bench.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(bench.sys, "platform", "linux")
+    monkeypatch.setattr(bench.sys, "argv", ["/venv/bin/vllm-clasp", "bench"])
+    monkeypatch.setattr(bench.sys, "orig_argv", ["python", "/venv/bin/vllm-clasp", "bench"])
+    monkeypatch.setenv("LD_PRELOAD", "/x/libfoo.so")
+    monkeypatch.delenv(bench.IOMP_GUARD_ENV, raising=False)
+
+    bench.maybe_reexec_with_iomp(False)  # --no-iomp
+    assert not calls and os.environ["LD_PRELOAD"] == "/x/libfoo.so"
+
+    bench.maybe_reexec_with_iomp(True)
+    assert calls == [(bench.sys.executable, [bench.sys.executable, "/venv/bin/vllm-clasp",
+                                             "bench"])]
+    assert os.environ["LD_PRELOAD"] == "/venv/lib/libiomp5.so:/x/libfoo.so"
+    assert os.environ[bench.IOMP_GUARD_ENV] == "1"
+    bench.maybe_reexec_with_iomp(True)  # the re-executed process does not loop
+    assert len(calls) == 1
