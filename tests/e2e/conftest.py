@@ -86,13 +86,20 @@ def engines(model_dir):
     pool.close()
 
 
-def spec_metrics(llm) -> dict[str, object]:
-    """vLLM's own spec-decode counters (cumulative for this engine)."""
-    out = {}
-    for metric in llm.get_metrics():
-        if metric.name.startswith("vllm:spec_decode"):
-            out[metric.name] = getattr(metric, "values", None) or getattr(metric, "value", None)
-    return out
+def spec_metrics(llm) -> dict[str, int]:
+    """This engine's own cumulative spec-decode counters (vLLM's, keyed like its metrics).
+
+    Not `llm.get_metrics()`: each new `LLM` unregisters the previous engines' metrics from
+    the global registry, so with several engines alive it reports only the last one built.
+    """
+    from vllm_clasp.bench import spec_counters
+
+    counters = spec_counters(llm)
+    return {
+        "vllm:spec_decode_num_drafts": counters["drafts"],
+        "vllm:spec_decode_num_draft_tokens": counters["draft_tokens"],
+        "vllm:spec_decode_num_accepted_tokens": counters["accepted"],
+    }
 
 
 def clasp_stats(llm) -> dict:

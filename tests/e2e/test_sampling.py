@@ -49,7 +49,10 @@ def homogeneity_p_value(a: Counter, b: Counter) -> tuple[float, int]:
 
 def test_temperature_one_matches_plain_distribution(engines):
     plain = sample_tokens(engines.get(dtype="float32"), range(NUM_SAMPLES))
-    clasp_llm = engines.get(dtype="float32", speculative_config={"method": "clasp"})
+    # Every step drafts (no adaptive off-switch), so every position goes through the
+    # rejection sampler with CLaSp's draft probabilities.
+    clasp_llm = engines.get(dtype="float32",
+                            speculative_config={"method": "clasp", "clasp_adaptive": False})
     clasp = sample_tokens(clasp_llm, range(NUM_SAMPLES, 2 * NUM_SAMPLES))
     for position in range(NUM_POSITIONS):
         a = Counter(tokens[position] for tokens in plain)
