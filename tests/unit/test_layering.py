@@ -33,6 +33,8 @@ HOST_FREE = [
     "hf_layers.py",
     "prompt_lookup.py",
     "controller.py",
+    "bench_report.py",
+    "cpu_env.py",
 ]
 # Files that must not import vLLM at module level (their subcommands may, lazily): the CLI
 # builds its parser from bench/demo, so `vllm-clasp --help` would otherwise import vLLM.
