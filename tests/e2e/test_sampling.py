@@ -18,7 +18,7 @@ import pytest
 pytestmark = pytest.mark.engine
 
 PROMPT = "Here is a list of random English words, one per line:\napple\nriver\n"
-NUM_SAMPLES = 800
+NUM_SAMPLES = 1600
 NUM_POSITIONS = 3
 ALPHA = 1e-3
 MIN_COUNT = 10
