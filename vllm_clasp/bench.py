@@ -329,6 +329,16 @@ def _shutdown(llm) -> None:
         pass
 
 
+def _drop_failed_engine(engines: dict, errors: list, name: str, stage: str,
+                        exc: BaseException) -> None:
+    """Record the failure and shut that engine down; the baseline's failure ends the run
+    (the exception propagates from the caller's except block)."""
+    errors.append(_error(name, stage, exc))
+    if name == BASELINE:
+        raise exc
+    _shutdown(engines.pop(name))
+
+
 def _error(method: str, stage: str, exc: BaseException) -> dict:
     import traceback
 
@@ -519,10 +529,7 @@ def _warm_up(options, engines, prompts, errors, engine_meta) -> None:
             for p in prompts[:options.warmup]:
                 llm.generate([p], params, use_tqdm=False)
         except Exception as e:
-            errors.append(_error(name, "warmup", e))
-            if name == BASELINE:
-                raise
-            _shutdown(engines.pop(name))
+            _drop_failed_engine(engines, errors, name, "warmup", e)
             continue
         engine_meta[name]["warmup_s"] = time.perf_counter() - t0
 
@@ -552,10 +559,7 @@ def _measure(options, engines, questions, prompts, errors) -> tuple[list[dict], 
                                                      [prompts[i] for i in idx],
                                                      [questions[i] for i in idx], bs, rnd, start)
                         except Exception as e:
-                            errors.append(_error(name, "generate", e))
-                            if name == BASELINE:
-                                raise
-                            _shutdown(engines.pop(name))
+                            _drop_failed_engine(engines, errors, name, "generate", e)
                             continue
                         call["order"] = order.index(name)
                         calls.append(call)

@@ -28,10 +28,9 @@ def chat(tokenizer, prompt: str) -> str:
 
 
 def shutdown(llm) -> None:
-    try:
-        llm.llm_engine.engine_core.shutdown()
-    except Exception:  # pragma: no cover - best effort at teardown
-        pass
+    from vllm_clasp.bench import _shutdown
+
+    _shutdown(llm)  # best effort, shared with the benchmark
 
 
 class EnginePool:
