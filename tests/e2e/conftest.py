@@ -38,11 +38,14 @@ class EnginePool:
         self.model_dir = model_dir
         self._alive: OrderedDict[tuple, object] = OrderedDict()
 
-    def get(self, dtype: str = "float32", speculative_config: dict | None = None, **kwargs):
-        """An `LLM` for this configuration, started on first use and then shared."""
+    def get(self, dtype: str = "float32", speculative_config: dict | None = None,
+            model: str | None = None, **kwargs):
+        """An `LLM` for this configuration (of the default model unless `model` is given),
+        started on first use and then shared."""
         import json
 
-        key = (dtype, json.dumps(speculative_config, sort_keys=True),
+        model = model or self.model_dir
+        key = (model, dtype, json.dumps(speculative_config, sort_keys=True),
                json.dumps(kwargs, sort_keys=True))
         if key in self._alive:
             self._alive.move_to_end(key)
@@ -54,7 +57,7 @@ class EnginePool:
         from vllm import LLM
 
         llm = LLM(
-            model=self.model_dir, dtype=dtype, enforce_eager=True, max_model_len=MAX_MODEL_LEN,
+            model=model, dtype=dtype, enforce_eager=True, max_model_len=MAX_MODEL_LEN,
             speculative_config=speculative_config, disable_log_stats=False, seed=0, **kwargs,
         )
         self._alive[key] = llm
@@ -76,6 +79,16 @@ def model_dir() -> str:
     from vllm_clasp.model_prep import prepare_model
 
     return str(prepare_model())
+
+
+@pytest.fixture(scope="session")
+def small_llama_dir(model_dir, tmp_path_factory) -> str:
+    """A small random-weight Llama (4 heads, 2 KV heads) for TP=2 tests; see small_llama.py."""
+    from pathlib import Path
+
+    from tests.e2e.small_llama import build_small_llama
+
+    return str(build_small_llama(tmp_path_factory.mktemp("small_llama") / "model", Path(model_dir)))
 
 
 @pytest.fixture(scope="session")
