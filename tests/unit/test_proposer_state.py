@@ -1,0 +1,71 @@
+"""ClaspProposer's per-request state across a step: finished and preempted requests are
+forgotten before anything else, so a request resumed after preemption (its KV recomputed, its
+context possibly different from the one its skip set was chosen for) gets a fresh DP run.
+
+A fake runner with no request to draft for: `propose_for_runner` then does only its
+bookkeeping (host-free, milliseconds).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from vllm_clasp.controller import SpeculationController
+from vllm_clasp.proposer import ClaspProposer
+from vllm_clasp.skip_state import SkipSetTracker
+from vllm_clasp.stats import ClaspStats
+
+
+def proposer_with(live: list[str], tracked: list[str]) -> ClaspProposer:
+    proposer = ClaspProposer.__new__(ClaspProposer)  # no vLLM config or model needed
+    proposer.num_speculative_tokens = 8
+    proposer.max_model_len = 2048
+    proposer.tracker = SkipSetTracker(loi=16)
+    proposer.controller = SpeculationController(enabled=False)
+    proposer.stats = ClaspStats()
+    proposer._last_step = None
+    proposer.rows = object()  # not None: PagedRows is built on first use otherwise
+    proposer.runner = SimpleNamespace(
+        input_batch=SimpleNamespace(
+            req_ids=list(live), num_tokens_no_spec=np.full(len(live), 10, dtype=np.int64),
+        ),
+        requests=dict.fromkeys(live),
+    )
+    for req_id in tracked:
+        proposer.tracker.update(req_id, torch.tensor([False, True, False]))
+    return proposer
+
+
+def step(proposer, finished=(), preempted=None):
+    scheduler_output = SimpleNamespace(
+        finished_req_ids=set(finished), preempted_req_ids=preempted, scheduled_new_reqs=[],
+    )
+    live = proposer.runner.input_batch.req_ids
+    # No sampled tokens: nothing to draft, only the state bookkeeping runs.
+    return proposer.propose_for_runner(scheduler_output, [[] for _ in live])
+
+
+def test_preempted_and_finished_requests_are_forgotten():
+    proposer = proposer_with(live=["a"], tracked=["a", "b", "c"])
+    proposer.runner.requests.update(b=None, c=None)  # still known to the runner
+    assert step(proposer, finished={"c"}, preempted={"b"}) == [[]]
+    assert "a" in proposer.tracker
+    assert "b" not in proposer.tracker and "c" not in proposer.tracker
+    assert not proposer.tracker.is_due("a")
+    assert proposer.tracker.is_due("b"), "a resumed request must be searched afresh"
+
+
+def test_preempted_ids_may_be_none():
+    proposer = proposer_with(live=["a"], tracked=["a"])
+    step(proposer, preempted=None)
+    assert "a" in proposer.tracker
+
+
+def test_state_of_requests_the_runner_forgot_is_dropped():
+    """A step that never reached the proposer (no tokens scheduled) still must not leak."""
+    proposer = proposer_with(live=["a"], tracked=["a", "gone1", "gone2"])
+    step(proposer)
+    assert len(proposer.tracker) == 1 and "a" in proposer.tracker
