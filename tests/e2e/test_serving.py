@@ -5,21 +5,26 @@ The server fixture (`clasp_server`) lives in conftest.py so test_examples.py can
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import tempfile
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
-from .conftest import free_port, log_tail, stop_process, vllm_serve_cmd
+from .conftest import VLLM_BIN, free_port, log_tail, stop_process, vllm_serve_cmd
 from .prompts import CHAT_PROMPTS
 
 pytestmark = pytest.mark.engine
 
 MAX_TOKENS = 64
 COMPARE_PROMPTS = [CHAT_PROMPTS[0], CHAT_PROMPTS[2], CHAT_PROMPTS[8]]
+SPEC_BENCH = Path(__file__).resolve().parents[3] / "shared" / "data" / "spec_bench" / "question.jsonl"
+BENCH_SERVE_TIMEOUT_S = 300
 
 
 def _messages(prompt: str) -> list[dict]:
@@ -85,6 +90,39 @@ def test_spec_decode_metrics(clasp_server):
     drafts = metrics.get("vllm:spec_decode_num_drafts_total", 0.0)
     assert drafts > 0, {k: v for k, v in metrics.items() if "spec_decode" in k}
     assert metrics.get("vllm:spec_decode_num_draft_tokens_total", 0.0) > 0
+
+
+@pytest.mark.skipif(not SPEC_BENCH.is_file(), reason=f"Spec-Bench data not found at {SPEC_BENCH}")
+def test_vllm_bench_serve_spec_bench(clasp_server, tmp_path):
+    """vLLM's own `vllm bench serve --dataset-name spec_bench` against the CLaSp server.
+
+    It reads the server's /metrics before and after the run, so its "Speculative Decoding"
+    block is CLaSp's acceptance on exactly these requests. Needs pandas (vLLM's SpecBench
+    loader), which the `bench` extra installs.
+    """
+    cmd = [VLLM_BIN, "bench", "serve", "--base-url", clasp_server.url,
+           "--model", clasp_server.model, "--dataset-name", "spec_bench",
+           "--dataset-path", str(SPEC_BENCH), "--num-prompts", "12",
+           "--spec-bench-output-len", "64", "--temperature", "0", "--disable-tqdm",
+           "--save-result", "--result-dir", str(tmp_path), "--result-filename", "bench.json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=BENCH_SERVE_TIMEOUT_S)
+    output = proc.stdout + proc.stderr
+    print(proc.stdout)  # vLLM's result table (shown with -s or on failure)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{output[-6000:]}"
+    assert re.search(r"Successful requests:\s+12\b", output), output[-4000:]
+    assert "Speculative Decoding" in output, output[-4000:]
+    length = float(re.search(r"Acceptance length:\s+([0-9.]+)", output).group(1))
+    drafts = int(re.search(r"Drafts:\s+(\d+)", output).group(1))
+    assert drafts > 0
+    # Greedy Spec-Bench prompts: the layer-skipped draft gets some tokens accepted.
+    assert length > 1.0, output[-4000:]
+
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["completed"] == 12
+    assert result["spec_decode_num_drafts"] == drafts
+    assert result["spec_decode_draft_tokens"] >= drafts
+    assert 0 < result["spec_decode_accepted_tokens"] <= result["spec_decode_draft_tokens"]
+    assert abs(result["spec_decode_acceptance_length"] - length) < 0.01
 
 
 def test_bad_requests_get_4xx_and_server_keeps_serving(clasp_server):
