@@ -37,3 +37,21 @@ def test_serve_client_example(clasp_server):
     plain = re.search(r"^plain:\s+(.+)$", proc.stdout, re.M)
     streaming = re.search(r"^streaming:\s+(.+)$", proc.stdout, re.M)
     assert plain and streaming, proc.stdout
+
+
+def test_ray_tp_example_imports_and_parses_arguments():
+    """examples/ray_tp.py needs a Ray cluster to run; here: importing it starts nothing (no
+    vLLM import), its arguments parse, and `--help` works."""
+    check = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('ray_tp', {str(EXAMPLES / 'ray_tp.py')!r})\n"
+        "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
+        "args = module.parse_args(['--model', 'm', '--tensor-parallel-size', '4'])\n"
+        "assert (args.model, args.tensor_parallel_size) == ('m', 4), args\n"
+        "assert 'vllm' not in sys.modules and 'ray' not in sys.modules\n"
+    )
+    proc = _run(["-c", check], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = _run([str(EXAMPLES / "ray_tp.py"), "--help"], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "--tensor-parallel-size" in proc.stdout
