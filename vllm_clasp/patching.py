@@ -117,3 +117,54 @@ def when_imported(module_name: str, callback: Callable[[], None]) -> None:
         _hooks.setdefault(module_name, []).append(callback)
         if _finder not in sys.meta_path:
             sys.meta_path.insert(0, _finder)
+
+
+@dataclass
+class FieldPatch:
+    """One defaulted field added to a host dataclass, so that serialisers that walk
+    `dataclasses.fields` (msgspec, `asdict`) carry it across processes."""
+
+    owner_path: str
+    """`module:Class` of the dataclass."""
+    attribute: str
+    annotation: Any
+    why: str
+    removal: str
+    default: Any = None
+    applied: bool = False
+
+    @property
+    def module_name(self) -> str:
+        return self.owner_path.split(":")[0]
+
+    def owner(self) -> Any:
+        return Patch(self.owner_path, self.attribute, None, "", "").owner()
+
+    def apply(self) -> None:
+        import dataclasses
+
+        if self.applied:
+            raise RuntimeError(f"{self.owner_path}.{self.attribute} is already patched")
+        cls = self.owner()
+        if not dataclasses.is_dataclass(cls):
+            raise TypeError(f"cannot add a field to {self.owner_path}: not a dataclass "
+                            "(vLLM changed; see vllm_clasp/patches.py)")
+        if self.attribute in cls.__dataclass_fields__ or hasattr(cls, self.attribute):
+            raise AttributeError(f"{self.owner_path} already has {self.attribute!r} "
+                                 "(vLLM changed; see vllm_clasp/patches.py)")
+        new = dataclasses.field(default=self.default)
+        new.name, new.type = self.attribute, self.annotation
+        new._field_type = dataclasses._FIELD  # what @dataclass sets for an ordinary field
+        cls.__dataclass_fields__[self.attribute] = new
+        cls.__annotations__[self.attribute] = self.annotation
+        setattr(cls, self.attribute, self.default)  # instances built by __init__ see it
+        self.applied = True
+
+    def revert(self) -> None:
+        if not self.applied:
+            return
+        cls = self.owner()
+        del cls.__dataclass_fields__[self.attribute]
+        del cls.__annotations__[self.attribute]
+        delattr(cls, self.attribute)
+        self.applied = False

@@ -91,6 +91,7 @@ class ClaspProposer:
         self.tracker.drop(scheduler_output.preempted_req_ids)
         if len(self.tracker) > len(runner.requests):
             self.tracker.retain(runner.requests.keys())
+        self.stats.tracked_requests = len(self.tracker)
 
         drafts: list[list[int]] = [[] for _ in req_ids]
         num_tokens = batch.num_tokens_no_spec[: len(req_ids)]  # numpy [n]
@@ -139,10 +140,9 @@ class ClaspProposer:
             due = [i for i in rows if self.tracker.is_due(req_ids[i])]
             if due:
                 started = time.perf_counter()
-                masks = self._search(due, num_tokens)
-                for i, mask in zip(due, masks):
-                    self.tracker.update(req_ids[i], mask)
-                self.stats.record_search(len(due), time.perf_counter() - started)
+                masks = self._search(due, num_tokens)  # [B, L] bool
+                changed = [self.tracker.update(req_ids[i], mask) for i, mask in zip(due, masks)]
+                self.stats.record_search(masks, changed, time.perf_counter() - started)
 
             started = time.perf_counter()
             skip = torch.stack([self.tracker.skip_mask(req_ids[i]) for i in rows])  # [R, L]

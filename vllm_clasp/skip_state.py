@@ -44,13 +44,16 @@ class SkipSetTracker:
     def skip_mask(self, req_id: str) -> torch.Tensor:  # [num_layers] bool
         return self._states[req_id].skip_mask
 
-    def update(self, req_id: str, skip_mask: torch.Tensor) -> None:
+    def update(self, req_id: str, skip_mask: torch.Tensor) -> int | None:
+        """Store a new skip set; returns how many layers changed (None for a first set)."""
         old = self._states.get(req_id)
-        if old is not None:
-            changed = int((old.skip_mask != skip_mask).sum())
-            self.num_layers_changed += changed
-            self.num_changes += changed > 0
         self._states[req_id] = RequestSkipSet(skip_mask.clone())
+        if old is None:
+            return None
+        changed = int((old.skip_mask != skip_mask).sum())
+        self.num_layers_changed += changed
+        self.num_changes += changed > 0
+        return changed
 
     def record_verification(self, req_ids: Iterable[str]) -> None:
         for req_id in req_ids:

@@ -3,6 +3,10 @@
 vLLM's spec-decode metrics (acceptance length, per-position acceptance) are counted by its
 scheduler and need nothing from here. These counters describe what only CLaSp knows; they are
 summarised in a periodic log line and readable by tests and the benchmark.
+
+`take_delta()` hands what changed since its last call to the runner's output; from there it
+travels with vLLM's scheduler stats to the front end, where `metrics.ClaspStatLogger` turns it
+into Prometheus metrics (`vllm:clasp_*`) and a periodic log line (see docs/metrics.md).
 """
 
 from __future__ import annotations
@@ -41,12 +45,35 @@ class ClaspStats:
     num_plain_rounds: int = 0
     skipped_layers: Counter = field(default_factory=Counter)
     """Distribution of the number of skipped layers per drafting request."""
+    num_skip_set_changes: int = 0
+    """Re-optimisations (DP runs for a request that had a skip set) that changed the set."""
+    num_reoptimizations: int = 0
+    """DP runs for a request that already had a skip set."""
+    num_layers_changed: int = 0
+    """Sum over re-optimisations of |old skip set XOR new skip set|."""
+    layer_skips: Counter = field(default_factory=Counter)
+    """Per layer index: DP runs that chose to skip it."""
+    search_skip_counts: Counter = field(default_factory=Counter)
+    """Distribution of the number of skipped layers per DP run."""
+    tracked_requests: int = 0
+    """Requests whose skip set the proposer currently holds (a gauge)."""
+    _reported: dict = field(default_factory=dict, repr=False)
     _last_log: float = field(default_factory=time.monotonic, repr=False)
 
-    def record_search(self, num_requests: int, seconds: float) -> None:
-        self.num_searches += num_requests
+    def record_search(self, masks: torch.Tensor, changed: list[int | None],
+                      seconds: float) -> None:  # masks: [B, L] bool, the sets chosen
+        self.num_searches += len(changed)
         self.num_search_calls += 1
         self.search_time_s += seconds
+        for layer, count in enumerate(masks.sum(dim=0).tolist()):
+            if count:
+                self.layer_skips[layer] += count
+        self.search_skip_counts.update(masks.sum(dim=1).tolist())
+        for count in changed:
+            if count is not None:
+                self.num_reoptimizations += 1
+                self.num_skip_set_changes += count > 0
+                self.num_layers_changed += count
 
     def record_prompt_lookup(self, num_requests: int, num_tokens: int) -> None:
         self.num_prompt_lookup_rounds += num_requests
@@ -80,16 +107,38 @@ class ClaspStats:
             "num_plain_steps": self.num_plain_steps,
             "num_plain_rounds": self.num_plain_rounds,
             "skipped_layers": dict(self.skipped_layers),
+            "num_skip_set_changes": self.num_skip_set_changes,
+            "num_reoptimizations": self.num_reoptimizations,
+            "num_layers_changed": self.num_layers_changed,
+            "layer_skips": dict(self.layer_skips),
+            "search_skip_counts": dict(self.search_skip_counts),
         }
 
+    def take_delta(self) -> dict:
+        """What changed since the last call: counters as differences, histograms as
+        {str(value): count} differences, plus the `tracked_requests` gauge. Plain types, so
+        it crosses process boundaries with vLLM's own serialisers."""
+        now = self.as_dict()
+        last, self._reported = self._reported, now
+        delta: dict = {"tracked_requests": self.tracked_requests}
+        for key, value in now.items():
+            if isinstance(value, dict):
+                before = last.get(key, {})
+                changes = {str(k): v - before.get(k, 0) for k, v in value.items()}
+                delta[key] = {k: v for k, v in changes.items() if v}
+            else:
+                delta[key] = value - last.get(key, 0)
+        return delta
+
     def maybe_log(self, num_tracked: int) -> None:
+        self.tracked_requests = num_tracked
         now = time.monotonic()
         if now - self._last_log < LOG_INTERVAL_S:
             return
         self._last_log = now
         rounds = max(self.num_draft_rounds, 1)
-        logger.info(
-            "CLaSp: %d DP runs in %d batched searches (%.1f ms per search), %.2f draft tokens "
+        logger.debug(
+            "CLaSp worker: %d DP runs in %d batched searches (%.1f ms per search), %.2f draft tokens "
             "per round (%.1f ms per round), "
             "%d threshold exits, %d steps without drafts, %d requests tracked",
             self.num_searches, self.num_search_calls,
@@ -97,3 +146,24 @@ class ClaspStats:
             self.num_draft_tokens / rounds, 1e3 * self.draft_time_s / rounds,
             self.num_threshold_exits, self.num_plain_steps, num_tracked,
         )
+
+
+def merge_deltas(earlier: dict | None, later: dict) -> dict:
+    """Two `take_delta()` results as one: counters and histograms add, gauges take `later`."""
+    if not earlier:
+        return dict(later)
+    merged = dict(earlier)
+    for key, value in later.items():
+        if key in GAUGES:
+            merged[key] = value
+        elif isinstance(value, dict):
+            bucket = dict(merged.get(key, {}))
+            for k, v in value.items():
+                bucket[k] = bucket.get(k, 0) + v
+            merged[key] = bucket
+        else:
+            merged[key] = merged.get(key, 0) + value
+    return merged
+
+
+GAUGES = ("tracked_requests",)

@@ -21,7 +21,8 @@ import pytest
 
 import vllm_clasp
 from vllm_clasp import patches as clasp_patches
-from vllm_clasp.patches import ALL_PATCHES, RUNNER_MODULE
+from vllm_clasp.patches import ALL_PATCHES, RUNNER_MODULE, STATS_FIELD_PATCH
+from vllm_clasp.patching import Patch
 from vllm_clasp.plugin import PINNED_VLLM_VERSION, installed_vllm_version
 
 PACKAGE_DIR = Path(vllm_clasp.__file__).resolve().parent
@@ -101,7 +102,20 @@ EXPECTED_PARAMETERS = {
     ],
     ("vllm.v1.sample.rejection_sampler", "expand_batch_to_tokens"):
         ["x", "cu_num_tokens", "num_tokens", "replace_from", "replace_to"],
+    (f"{RUNNER_MODULE}:GPUModelRunner", "sample_tokens"): ["self", "grammar_output"],
+    ("vllm.v1.core.sched.scheduler:Scheduler", "update_from_output"):
+        ["self", "scheduler_output", "model_runner_output"],
+    ("vllm.v1.engine.async_llm:AsyncLLM", "__init__"): [
+        "self", "vllm_config", "executor_class", "log_stats", "usage_context", "mm_registry",
+        "log_requests", "start_engine_loop", "stat_loggers", "aggregate_engine_logging",
+        "client_addresses", "client_count", "client_index", "profiler",
+    ],
+    ("vllm.v1.engine.llm_engine:LLMEngine", "__init__"): [
+        "self", "vllm_config", "executor_class", "log_stats", "aggregate_engine_logging",
+        "usage_context", "stat_loggers", "mm_registry", "multiprocess_mode",
+    ],
 }
+FUNCTION_PATCHES = [p for p in ALL_PATCHES if isinstance(p, Patch)]
 PROPERTIES = {("vllm.config.vllm:VllmConfig", "num_lookahead_tokens")}
 
 
@@ -122,21 +136,25 @@ def host_original(patch):
 
 
 def test_every_patch_has_an_expected_signature():
-    listed = {(p.owner_path, p.attribute) for p in ALL_PATCHES}
+    listed = {(p.owner_path, p.attribute) for p in FUNCTION_PATCHES}
+    require(
+        [p for p in ALL_PATCHES if p not in FUNCTION_PATCHES] == [STATS_FIELD_PATCH],
+        "tests/contract/test_vllm_contract.py", "a new kind of patch needs its own contract",
+    )
     require(
         listed == set(EXPECTED_PARAMETERS), "tests/contract/test_vllm_contract.py",
         f"patches {sorted(listed ^ set(EXPECTED_PARAMETERS))} and the contract disagree",
     )
 
 
-@pytest.mark.parametrize("patch", ALL_PATCHES, ids=_patch_id)
+@pytest.mark.parametrize("patch", FUNCTION_PATCHES, ids=_patch_id)
 def test_patched_attribute_exists(patch, runner_module):
     owner = patch.owner()
     require(owner is not None, PATCHES_PY, f"{patch.owner_path} cannot be imported")
     host_original(patch)
 
 
-@pytest.mark.parametrize("patch", ALL_PATCHES, ids=_patch_id)
+@pytest.mark.parametrize("patch", FUNCTION_PATCHES, ids=_patch_id)
 def test_patched_function_parameters(patch, runner_module):
     key = (patch.owner_path, patch.attribute)
     original = host_original(patch)
@@ -156,7 +174,7 @@ def test_patched_function_parameters(patch, runner_module):
     )
 
 
-@pytest.mark.parametrize("patch", ALL_PATCHES, ids=_patch_id)
+@pytest.mark.parametrize("patch", FUNCTION_PATCHES, ids=_patch_id)
 def test_wrapper_named_parameters_are_a_prefix_of_the_hosts(patch, runner_module):
     """Each wrapper names only leading host parameters and forwards the rest untouched."""
     original = host_original(patch)
@@ -648,3 +666,69 @@ def test_expand_fix_matches_vllm_contract():
     assert out.tolist() == [0.5, 0.5, 1.0, 1.0, 1.0, 2.0]
     top_k = torch.tensor([5, 0, 7], dtype=torch.int32)
     assert expand(top_k, cu, 6).tolist() == [5, 5, 0, 0, 0, 7]
+
+
+# --------------------------------------------------------------------------- metrics path (7-10)
+
+
+def test_scheduler_stats_field_crosses_vllms_serialiser():
+    """The engine core sends SchedulerStats inside EngineCoreOutputs with msgspec; our added
+    field must survive the round trip (it would silently vanish otherwise)."""
+    from vllm.v1.engine import EngineCoreOutputs
+    from vllm.v1.metrics.stats import SchedulerStats
+    from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
+
+    require(dataclasses.is_dataclass(SchedulerStats), PATCHES_PY,
+            "SchedulerStats is no longer a dataclass (patch 9)")
+    names = {f.name for f in dataclasses.fields(SchedulerStats)}
+    require("spec_decoding_stats" in names, PATCHES_PY, "SchedulerStats lost spec_decoding_stats")
+    if not STATS_FIELD_PATCH.applied:
+        require("clasp" not in names, PATCHES_PY, "SchedulerStats has its own field 'clasp'")
+        from vllm_clasp.plugin import register
+
+        register()  # as vLLM does in every process; the patches stay inert
+    require(STATS_FIELD_PATCH.applied, PATCHES_PY, "register() did not add SchedulerStats.clasp")
+    stats = SchedulerStats(num_running_reqs=2)
+    stats.clasp = {"num_searches": 3, "layer_skips": {"4": 1}}
+    decoded = MsgpackDecoder(EngineCoreOutputs).decode(
+        MsgpackEncoder().encode(EngineCoreOutputs(scheduler_stats=stats)))
+    require(decoded.scheduler_stats.clasp == stats.clasp, PATCHES_PY,
+            "SchedulerStats.clasp does not survive vLLM's msgspec round trip")
+    plain = MsgpackDecoder(EngineCoreOutputs).decode(
+        MsgpackEncoder().encode(EngineCoreOutputs(scheduler_stats=SchedulerStats())))
+    require(plain.scheduler_stats.clasp is None, PATCHES_PY, "default of SchedulerStats.clasp")
+
+
+def test_runner_output_carries_extra_attributes_and_scheduler_attaches_stats(runner_module):
+    import pickle
+
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.outputs import ModelRunnerOutput
+
+    require(not hasattr(ModelRunnerOutput, "__slots__") and dataclasses.is_dataclass(
+        ModelRunnerOutput), PATCHES_PY, "ModelRunnerOutput cannot carry clasp_metrics (slots)")
+    output = ModelRunnerOutput(req_ids=[], req_id_to_index={})
+    output.clasp_metrics = {"num_searches": 1}
+    require(pickle.loads(pickle.dumps(output)).clasp_metrics == {"num_searches": 1}, PATCHES_PY,
+            "ModelRunnerOutput loses attributes in pickle (executor processes)")
+    text = flat(source(host_original(clasp_patches.SCHEDULER_PATCH)))
+    require("eco.scheduler_stats = stats" in text and "self.log_stats" in flat(
+        source(Scheduler.make_stats)), PATCHES_PY,
+        "Scheduler.update_from_output no longer attaches SchedulerStats to an output")
+    sample = flat(source(host_original(clasp_patches.RUNNER_PATCHES[-1])))
+    require("self.propose_draft_token_ids(" in sample and "ModelRunnerOutput(" in sample,
+            PATCHES_PY, "sample_tokens no longer drafts before building ModelRunnerOutput")
+    async_cls = runner_module.AsyncGPUModelRunnerOutput
+    require("self._model_runner_output = model_runner_output" in source(async_cls.__init__),
+            PATCHES_PY, "AsyncGPUModelRunnerOutput no longer keeps _model_runner_output")
+
+
+def test_engines_build_stat_loggers_from_the_argument():
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    for engine in (AsyncLLM, LLMEngine):
+        text = flat(source(host_original(next(
+            p for p in FUNCTION_PATCHES if p.owner_path.endswith(engine.__name__)))))
+        require("stat_loggers" in text and "StatLoggerManager" in text or "stat_loggers=" in text,
+                PATCHES_PY, f"{engine.__name__}.__init__ no longer passes stat_loggers on")
