@@ -1,0 +1,58 @@
+"""CLaSp's Prometheus metrics offline: they count exactly what the worker counted.
+
+The server side (/metrics, the log line) is tested in test_serving.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.e2e.conftest import chat, clasp_stats
+from tests.e2e.prompts import CHAT_PROMPTS
+
+pytestmark = pytest.mark.engine
+
+CLASP = {"method": "clasp", "clasp_adaptive": False}  # the engine test_exactness.py uses
+
+
+def _clasp_values(name: str) -> float:
+    """Sum over label sets of one CLaSp metric in this process's registry."""
+    from prometheus_client import REGISTRY
+
+    total = 0.0
+    for family in REGISTRY.collect():
+        for sample in family.samples:
+            if sample.name == name:
+                total += sample.value
+    return total
+
+
+def test_prometheus_counters_equal_the_workers_counters(engines):
+    from vllm import SamplingParams
+
+    llm = engines.get(dtype="float32", speculative_config=CLASP)
+    names = {
+        "num_searches": "vllm:clasp_dp_runs_total",
+        "num_search_calls": "vllm:clasp_dp_batches_total",
+        "num_draft_rounds": "vllm:clasp_model_draft_rounds_total",
+        "num_draft_tokens": "vllm:clasp_model_draft_tokens_total",
+        "num_threshold_exits": "vllm:clasp_threshold_exits_total",
+        "num_reoptimizations": "vllm:clasp_reoptimizations_total",
+        "num_skip_set_changes": "vllm:clasp_skip_set_changes_total",
+    }
+    worker_before = clasp_stats(llm)
+    prom_before = {key: _clasp_values(name) for key, name in names.items()}
+    texts = [chat(llm.get_tokenizer(), p) for p in CHAT_PROMPTS[:6]]
+    llm.generate(texts, SamplingParams(temperature=0, max_tokens=96), use_tqdm=False)
+    llm.generate(texts[:1], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    worker_after = clasp_stats(llm)
+    for key, name in names.items():
+        worker = worker_after[key] - worker_before[key]
+        prom = _clasp_values(name) - prom_before[key]
+        print(f"{name}: {prom:.0f} (worker {worker})")
+        # The last step's delta is sent with the step after it (stats are built after drafting).
+        assert worker - 8 <= prom <= worker, (name, prom, worker)
+    assert worker_after["num_searches"] - worker_before["num_searches"] >= 6
+    assert worker_after["num_reoptimizations"] > worker_before["num_reoptimizations"]
+    # After the short request only it can still be tracked; finished requests are freed.
+    assert _clasp_values("vllm:clasp_tracked_requests") <= 1
