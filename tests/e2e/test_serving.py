@@ -92,6 +92,29 @@ def test_spec_decode_metrics(clasp_server):
     assert metrics.get("vllm:spec_decode_num_draft_tokens_total", 0.0) > 0
 
 
+def test_clasp_metrics_and_log_line(clasp_server):
+    """CLaSp's own metrics reach /metrics from the worker, and the front end logs a summary."""
+    import time
+
+    before = _metrics(clasp_server)
+    _chat(clasp_server, CHAT_PROMPTS[2])
+    after = _metrics(clasp_server)
+    grew = {name: after.get(name, 0.0) - before.get(name, 0.0) for name in after
+            if name.startswith("vllm:clasp_")}
+    assert grew.get("vllm:clasp_dp_runs_total", 0) >= 1, grew  # a new request is always due
+    assert grew.get("vllm:clasp_layer_skipped_total", 0) >= 1, grew
+    assert grew.get("vllm:clasp_skipped_layers_count", 0) >= 1, grew
+    assert "vllm:clasp_tracked_requests" in after
+    drafted = grew.get("vllm:clasp_model_draft_rounds_total", 0) + grew.get(
+        "vllm:clasp_speculation_off_rounds_total", 0)
+    assert drafted >= 1, grew  # every step either drafts or is counted as turned off
+    deadline = time.monotonic() + 25  # vLLM logs stats every 10 s
+    while "CLaSp: " not in clasp_server.log_tail(200_000) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert "CLaSp: " in clasp_server.log_tail(200_000) and "DP runs" in clasp_server.log_tail(
+        200_000), clasp_server.log_tail()
+
+
 @pytest.mark.skipif(not SPEC_BENCH.is_file(), reason=f"Spec-Bench data not found at {SPEC_BENCH}")
 def test_vllm_bench_serve_spec_bench(clasp_server, tmp_path):
     """vLLM's own `vllm bench serve --dataset-name spec_bench` against the CLaSp server.
