@@ -11,7 +11,7 @@ Keys in `--speculative-config` JSON (besides vLLM's `method` and `num_speculativ
   clasp_draft_exit_threshold   0 <= t < 1   stop drafting when the draft's top-1 prob < t
   clasp_never_skip             list[int]    layers that always run (default: first and last)
   clasp_draft_vocab_size       int >= 0     draft head over the first N token ids (0: all)
-  clasp_prompt_lookup_max      int >= 0     longest n-gram for prompt-lookup drafts (0: off)
+  clasp_prompt_lookup_max      int >= 0     longest n-gram for prompt-lookup drafts (5; 0: off)
   clasp_prompt_lookup_min      int >= 1     shortest n-gram for prompt-lookup drafts
   clasp_adaptive               bool         turn drafting off where it measures slower
 """
@@ -26,6 +26,7 @@ DEFAULT_SKIP_RATIO = 0.3
 DEFAULT_LOI = 16
 DEFAULT_DRAFT_VOCAB_SIZE = 16384
 DEFAULT_DRAFT_EXIT_THRESHOLD = 0.7
+DEFAULT_PROMPT_LOOKUP_MAX = 5
 DEFAULT_PROMPT_LOOKUP_MIN = 3
 
 KNOB_PREFIX = "clasp_"
@@ -51,10 +52,10 @@ class ClaspOptions:
     roughly by frequency): cheaper drafts, still lossless because verification uses the full
     vocabulary and the draft's probabilities are exact for what it drafts. None means
     min(16384, vocabulary); 0 means the whole vocabulary."""
-    prompt_lookup_max: int = 0
+    prompt_lookup_max: int = DEFAULT_PROMPT_LOOKUP_MAX
     """Combine with prompt-lookup drafts: a request whose last n tokens (n from this down to
     `prompt_lookup_min`) occurred earlier drafts what followed them, at no model cost; others
-    draft with CLaSp. 0 turns it off."""
+    draft with CLaSp. 0 turns it off (layer-skip drafts only, as in the paper)."""
     prompt_lookup_min: int | None = None
     """Shortest n-gram that counts as a match; None means min(3, prompt_lookup_max)."""
     adaptive: bool = True

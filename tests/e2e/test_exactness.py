@@ -20,7 +20,7 @@ pytestmark = pytest.mark.engine
 MAX_TOKENS = 128
 # Defaults, except that every step drafts: the adaptive controller may turn drafting off
 # where it measures slower, which would leave less of the draft path under test.
-CLASP = {"method": "clasp", "clasp_adaptive": False}
+CLASP = {"method": "clasp", "clasp_adaptive": False, "clasp_prompt_lookup_max": 0}
 # Largest top-2 log-prob margin at a divergence that we still call numerics.
 MAX_MARGIN = {"float32": 0.05, "bfloat16": 0.5}
 

@@ -12,7 +12,8 @@ from tests.e2e.prompts import CHAT_PROMPTS
 
 pytestmark = pytest.mark.engine
 
-CLASP = {"method": "clasp", "clasp_adaptive": False}  # the engine test_exactness.py uses
+# The engine test_exactness.py uses: layer-skip drafts on every step.
+CLASP = {"method": "clasp", "clasp_adaptive": False, "clasp_prompt_lookup_max": 0}
 
 
 def _clasp_values(name: str) -> float:

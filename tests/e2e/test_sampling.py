@@ -52,7 +52,8 @@ def test_temperature_one_matches_plain_distribution(engines):
     # Every step drafts (no adaptive off-switch), so every position goes through the
     # rejection sampler with CLaSp's draft probabilities.
     clasp_llm = engines.get(dtype="float32",
-                            speculative_config={"method": "clasp", "clasp_adaptive": False})
+                            speculative_config={"method": "clasp", "clasp_adaptive": False,
+                                                "clasp_prompt_lookup_max": 0})
     clasp = sample_tokens(clasp_llm, range(NUM_SAMPLES, 2 * NUM_SAMPLES))
     for position in range(NUM_POSITIONS):
         a = Counter(tokens[position] for tokens in plain)

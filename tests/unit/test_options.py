@@ -14,6 +14,7 @@ from vllm_clasp.options import (
     DEFAULT_DRAFT_EXIT_THRESHOLD,
     DEFAULT_DRAFT_VOCAB_SIZE,
     DEFAULT_LOI,
+    DEFAULT_PROMPT_LOOKUP_MAX,
     DEFAULT_PROMPT_LOOKUP_MIN,
     DEFAULT_SKIP_RATIO,
     ClaspOptions,
@@ -52,7 +53,7 @@ def test_defaults():
     assert options.draft_exit_threshold == DEFAULT_DRAFT_EXIT_THRESHOLD
     assert options.never_skip is None
     assert options.draft_vocab_size is None
-    assert options.prompt_lookup_max == 0  # prompt lookup is off unless asked for
+    assert options.prompt_lookup_max == DEFAULT_PROMPT_LOOKUP_MAX == 5  # combined by default
     assert options.prompt_lookup_min is None  # resolved to min(default, prompt_lookup_max)
     assert options.adaptive is True
     # The defaults themselves pass validation.
@@ -292,7 +293,7 @@ def test_resolve_defaults():
     assert resolved.draft_exit_threshold == DEFAULT_DRAFT_EXIT_THRESHOLD
     assert isinstance(resolved.draft_exit_threshold, float)
     assert resolved.draft_vocab_size == min(DEFAULT_DRAFT_VOCAB_SIZE, 49152)
-    assert resolved.prompt_lookup_max == 0
+    assert resolved.prompt_lookup_max == DEFAULT_PROMPT_LOOKUP_MAX
     assert resolved.prompt_lookup_min == DEFAULT_PROMPT_LOOKUP_MIN
     assert resolved.adaptive is True
 
