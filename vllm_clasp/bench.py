@@ -77,6 +77,8 @@ DEFAULT_QUESTIONS = os.path.join("..", "shared", "data", "spec_bench", "question
 BUILTIN_METHODS: dict[str, dict | None] = {
     "plain": None,
     "clasp": {"method": "clasp"},
+    # CLaSp's layer-skipped drafts alone (the paper's method), without prompt lookup.
+    "clasp-layers": {"method": "clasp", "clasp_prompt_lookup_max": 0},
     "ngram": {"method": "ngram", "num_speculative_tokens": 4},
 }
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_MISMATCH = 0, 1, 2, 3
@@ -261,6 +263,23 @@ def _read_worker_info(worker) -> dict:
     return {"torch_threads": torch.get_num_threads(),
             "ld_preload": os.environ.get("LD_PRELOAD", ""),
             "libiomp_loaded": _maps_contain("libiomp"), "libgomp_loaded": _maps_contain("libgomp")}
+
+
+def _read_memory(worker) -> dict:
+    """Runs in the worker (collective_rpc): this process's peak and current resident memory
+    (on CPU the worker runs inside the engine-core process: weights, KV cache, activations,
+    and for CLaSp its draft buffers and DP). On CUDA also the device's peak allocation."""
+    out = {}
+    with open("/proc/self/status", encoding="utf-8") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmHWM", "VmRSS"):
+                out["peak_rss_mib" if key == "VmHWM" else "rss_mib"] = int(value.split()[0]) / 1024
+    import torch
+
+    if torch.cuda.is_available():
+        out["cuda_peak_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
 
 
 def _rpc(llm, fn):
@@ -459,6 +478,8 @@ def run_bench(options: BenchOptions) -> dict:
             "torch_threads")
         _warm_up(options, engines, prompts, errors, engine_meta)
         records, calls = _measure(options, engines, questions, prompts, errors)
+        for name, llm in engines.items():
+            engine_meta[name]["memory"] = _rpc(llm, _read_memory)
     finally:
         for llm in engines.values():
             _shutdown(llm)
@@ -640,7 +661,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model dtype (default float32: memory-bound on AVX2 CPUs, where "
                              "bf16 is emulated and compute-bound)")
     parser.add_argument("--methods", default="plain,clasp,ngram", metavar="LIST",
-                        help="comma list of plain, clasp, ngram or name=JSON (any speculative "
+                        help="comma list of plain, clasp, clasp-layers (no prompt lookup), ngram "
+                             "or name=JSON (any speculative "
                              "config, e.g. 'clasp8={\"method\":\"clasp\",\"clasp_skip_layers\":8}')"
                              "; ngram = num_speculative_tokens 4 with vLLM's default "
                              "prompt_lookup_min/max (5); plain is always added")

@@ -197,6 +197,7 @@ def format_report(result: dict) -> str:
                 lines.append(f"{m} time split (DP / draft / verify+rest, % of wall): " + "; ".join(
                     f"{g} {_fmt(s['dp_pct'], '.1f')}/{_fmt(s['draft_pct'], '.1f')}/"
                     f"{_fmt(s['other_pct'], '.1f')}" for g, s in split))
+    lines += _memory_lines(result, methods)
     for method, mm in result.get("mismatches", {}).items():
         if mm["differing"]:
             lines.append(f"{method}: {mm['differing']}/{mm['compared']} outputs differ from plain: "
@@ -205,6 +206,18 @@ def format_report(result: dict) -> str:
     for err in result.get("errors", []):
         lines.append(f"ERROR {err['method']} ({err['stage']}): {err['error']}")
     return "\n".join(lines)
+
+
+def _memory_lines(result: dict, methods: Sequence[str]) -> list[str]:
+    peaks = {m: ((result.get("engines", {}).get(m) or {}).get("memory") or {}).get("peak_rss_mib")
+             for m in methods}
+    base = peaks.get(BASELINE)
+    if not base:
+        return []
+    parts = [f"{m} {peak:.0f}" + ("" if m == BASELINE else f" ({100 * (peak / base - 1):+.1f}%)")
+             for m, peak in peaks.items() if peak]
+    return ["peak resident memory of the engine process, MiB (extra vs plain): "
+            + ", ".join(parts)]
 
 
 def _find(rows, bs, group, method):

@@ -338,3 +338,19 @@ def test_iomp_reexec_once_from_the_cli(monkeypatch):
     assert os.environ[bench.IOMP_GUARD_ENV] == "1"
     bench.maybe_reexec_with_iomp(True)  # the re-executed process does not loop
     assert len(calls) == 1
+
+
+def test_memory_line_reports_extra_peak_vs_plain():
+    from vllm_clasp.bench_report import _memory_lines
+
+    result = {"engines": {"plain": {"memory": {"peak_rss_mib": 1000.0}},
+                          "clasp": {"memory": {"peak_rss_mib": 1030.0}},
+                          "ngram": {"memory": None}}}
+    (line,) = _memory_lines(result, ["plain", "clasp", "ngram"])
+    assert "plain 1000" in line and "clasp 1030 (+3.0%)" in line and "ngram" not in line
+    assert _memory_lines({"engines": {}}, ["plain"]) == []
+
+
+def test_builtin_clasp_layers_is_clasp_without_prompt_lookup():
+    methods = bench.parse_methods("plain,clasp-layers")
+    assert methods[1].speculative_config == {"method": "clasp", "clasp_prompt_lookup_max": 0}
