@@ -51,7 +51,12 @@ def run_on_ray(model: str, tp: int, methods: str, tmp_path: Path, env: dict) -> 
          "--max-tokens", str(SMALL_MAX_TOKENS), "--out", str(out)],
         capture_output=True, text=True, timeout=RUN_TIMEOUT_S, env=env, cwd=REPO,
     )
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
+    if proc.returncode != 0:
+        output = proc.stdout + proc.stderr
+        causes = [line for line in output.splitlines()
+                  if any(word in line for word in ("Error", "Killing", "OOM", "killed"))]
+        pytest.fail(f"Ray run exited with {proc.returncode}; likely causes:\n"
+                    + "\n".join(causes[-40:]) + "\n--- output tail ---\n" + output[-6000:])
     return json.loads(out.read_text())
 
 
