@@ -32,7 +32,7 @@ def activate() -> str | None:
     """The `vllm.platform_plugins` hook: our platform's qualified name, or None (inactive)."""
     if os.environ.get(ENABLE_ENV) != "1":
         return None
-    return "tests.e2e.ray_cpu.platform.RayCpuPlatform"
+    return "tests.e2e.ray_cpu.ray_cpu_platform.RayCpuPlatform"
 
 
 def install_entry_point(site_dir: Path) -> Path:
