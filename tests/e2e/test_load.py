@@ -335,7 +335,9 @@ def test_aborted_clients_free_clasp_state(clasp_server, num_requests):
     })
     assert status == 200 and body["choices"][0]["message"]["content"].strip(), body
 
-    # No CLaSp state outlives its request once the server is idle.
+    # No CLaSp state outlives its request once the server is idle. (vLLM reports finished
+    # requests to the worker in the next step, which has nothing scheduled when the server
+    # goes idle: the state must be freed on that step too.)
     tracked = tracked_requests(wait_idle(server))
     print(f"[aborts x{num_requests}] vllm:clasp_tracked_requests when idle after one more "
           f"request: {tracked:.0f}")
@@ -344,9 +346,12 @@ def test_aborted_clients_free_clasp_state(clasp_server, num_requests):
         f"{num_requests} requests, {tracked:.0f} after one more"
     )
 
+    # vLLM's own worker grows by ~0.1-0.2 MiB per request over its first ~1,000 (allocator;
+    # measured the same with the ngram method, Python object counts flat), so the bound is
+    # loose; a leaked per-request draft tensor (K x vocab floats, 1.5 MiB) would break it.
     growth = sum(rss_after.values()) - sum(rss_before.values())
     print(f"[aborts x{num_requests}] RSS growth of the server tree: {growth / 2**20:.0f} MiB")
-    assert growth < 256 * 2**20, f"server RSS grew by {growth / 2**20:.0f} MiB"
+    assert growth < 384 * 2**20, f"server RSS grew by {growth / 2**20:.0f} MiB"
 
 
 # ------------------------------------------------------------------ KV-cache pressure
