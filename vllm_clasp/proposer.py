@@ -2,7 +2,8 @@
 
 After each verification step the runner (patched in `patches.py`) calls `propose_for_runner`:
 
-1. forget requests that finished or were preempted;
+1. forget requests that finished or were preempted (also done by the patched
+   `execute_model` on steps that reach no drafting, see `forget`);
 2. run the DP for requests that are due (new, or LOI verification steps since their last run):
    the last accepted token is re-run through the full stack (read-only on the KV cache) to get
    its trajectory h_0..h_L, and candidates of all due requests go through each layer in one
@@ -79,6 +80,16 @@ class ClaspProposer:
             draft_vocab,
         )
 
+    def forget(self, scheduler_output) -> None:
+        """Drop the state of requests that finished or were preempted. Called at the start
+        of every step (patched `execute_model`), also the step that only reports the last
+        requests finished and drafts nothing, so an idle engine holds no CLaSp state."""
+        if self.tracker is None:
+            return
+        self.tracker.drop(scheduler_output.finished_req_ids)
+        self.tracker.drop(scheduler_output.preempted_req_ids)
+        self.stats.tracked_requests = len(self.tracker)
+
     # ------------------------------------------------------------------ the runner's entry
     @torch.inference_mode()
     def propose_for_runner(self, scheduler_output, sampled_token_ids: list[list[int]]):
@@ -87,8 +98,7 @@ class ClaspProposer:
             self.rows = PagedRows(runner)
         batch = runner.input_batch
         req_ids = list(batch.req_ids)
-        self.tracker.drop(scheduler_output.finished_req_ids)
-        self.tracker.drop(scheduler_output.preempted_req_ids)
+        self.forget(scheduler_output)
         if len(self.tracker) > len(runner.requests):
             self.tracker.retain(runner.requests.keys())
         self.stats.tracked_requests = len(self.tracker)

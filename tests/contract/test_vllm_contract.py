@@ -103,6 +103,8 @@ EXPECTED_PARAMETERS = {
     ("vllm.v1.sample.rejection_sampler", "expand_batch_to_tokens"):
         ["x", "cu_num_tokens", "num_tokens", "replace_from", "replace_to"],
     (f"{RUNNER_MODULE}:GPUModelRunner", "sample_tokens"): ["self", "grammar_output"],
+    (f"{RUNNER_MODULE}:GPUModelRunner", "execute_model"):
+        ["self", "scheduler_output", "intermediate_tensors"],
     ("vllm.v1.core.sched.scheduler:Scheduler", "update_from_output"):
         ["self", "scheduler_output", "model_runner_output"],
     ("vllm.v1.engine.async_llm:AsyncLLM", "__init__"): [
@@ -715,7 +717,13 @@ def test_runner_output_carries_extra_attributes_and_scheduler_attaches_stats(run
     require("eco.scheduler_stats = stats" in text and "self.log_stats" in flat(
         source(Scheduler.make_stats)), PATCHES_PY,
         "Scheduler.update_from_output no longer attaches SchedulerStats to an output")
-    sample = flat(source(host_original(clasp_patches.RUNNER_PATCHES[-1])))
+    sample = flat(source(host_original(next(
+        p for p in clasp_patches.RUNNER_PATCHES if p.attribute == "sample_tokens"))))
+    execute = flat(source(host_original(next(
+        p for p in clasp_patches.RUNNER_PATCHES if p.attribute == "execute_model"))))
+    require("self._update_states(scheduler_output)" in execute
+            and "return EMPTY_MODEL_RUNNER_OUTPUT" in execute, PATCHES_PY,
+            "execute_model no longer returns early on steps without scheduled tokens")
     require("self.propose_draft_token_ids(" in sample and "ModelRunnerOutput(" in sample,
             PATCHES_PY, "sample_tokens no longer drafts before building ModelRunnerOutput")
     async_cls = runner_module.AsyncGPUModelRunnerOutput

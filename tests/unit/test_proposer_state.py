@@ -69,3 +69,13 @@ def test_state_of_requests_the_runner_forgot_is_dropped():
     proposer = proposer_with(live=["a"], tracked=["a", "gone1", "gone2"])
     step(proposer)
     assert len(proposer.tracker) == 1 and "a" in proposer.tracker
+
+
+def test_forget_on_a_step_that_never_drafts_empties_the_state():
+    """The step after the last requests finish schedules nothing: the patched execute_model
+    calls forget() so an idle engine holds (and reports) no CLaSp state."""
+    proposer = proposer_with(live=[], tracked=["a", "b"])
+    proposer.stats.tracked_requests = 2
+    proposer.forget(SimpleNamespace(finished_req_ids={"a", "b"}, preempted_req_ids=None))
+    assert len(proposer.tracker) == 0
+    assert proposer.stats.take_delta()["tracked_requests"] == 0
