@@ -1,8 +1,17 @@
 #!/usr/bin/env bash
-# Run the whole test suite (after making sure the environment is set up). Extra arguments go
-# to pytest, e.g. `scripts/test.sh -m "not engine"` for the fast host-free tests only.
+# Run the test suite (after making sure the environment is set up).
+#   scripts/test.sh          everything but the long tests (what CI runs, ~60 min on 2 cores)
+#   scripts/test.sh --long   only the long tests (marked `slow`: 1,000 requests with aborts
+#                            against a live server, ~12 min)
+# Extra arguments go to pytest and come last, so a `-m` of yours wins, e.g.
+# `scripts/test.sh -m "not engine"` for the fast host-free tests only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
-exec .venv/bin/python -m pytest -ra "$@"
+selection=(-m "not slow")
+if [[ "${1:-}" == "--long" ]]; then
+  shift
+  selection=(-m slow)
+fi
+exec .venv/bin/python -m pytest -ra "${selection[@]}" "$@"
