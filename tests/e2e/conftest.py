@@ -7,6 +7,7 @@ up at once (least recently used closes first) to bound memory on a 24 GiB machin
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 from collections import OrderedDict
@@ -193,19 +194,20 @@ def stop_process(proc, grace_s: float = 30) -> None:
         proc.wait(timeout=30)
 
 
-@pytest.fixture(scope="module")
-def clasp_server(model_dir, tmp_path_factory):
-    """`vllm serve <model> --speculative-config '{"method": "clasp"}'` on a free loopback port."""
+@contextlib.contextmanager
+def serve(model_dir: str, log_dir, spec_config: dict, extra_args: tuple[str, ...] = ()):
+    """`vllm serve` with `spec_config` (plus extra CLI flags) on a free loopback port, healthy
+    on entry and stopped (with its engine core) on exit."""
     import subprocess
     import time
     import urllib.request
 
     port = free_port()
-    log_path = str(tmp_path_factory.mktemp("clasp_server") / "server.log")
+    log_path = str(log_dir / "server.log")
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            vllm_serve_cmd(model_dir, port, {"method": "clasp"}), stdout=log,
+            vllm_serve_cmd(model_dir, port, spec_config) + list(extra_args), stdout=log,
             stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )
     server = ClaspServer(proc, port, model_dir, log_path)
@@ -213,8 +215,8 @@ def clasp_server(model_dir, tmp_path_factory):
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"vllm serve exited with {proc.returncode} during start-up; log tail:\n"
-                            f"{server.log_tail()}")
+                pytest.fail(f"vllm serve exited with {proc.returncode} during start-up; "
+                            f"log tail:\n{server.log_tail()}")
             try:
                 with urllib.request.urlopen(f"{server.url}/health", timeout=5) as r:
                     if r.status == 200:
@@ -222,9 +224,35 @@ def clasp_server(model_dir, tmp_path_factory):
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"vllm serve not healthy after {SERVER_START_TIMEOUT_S} s; log tail:\n"
-                            f"{server.log_tail()}")
+                pytest.fail(f"vllm serve not healthy after {SERVER_START_TIMEOUT_S} s; "
+                            f"log tail:\n{server.log_tail()}")
             time.sleep(2)
         yield server
     finally:
         stop_process(proc)
+
+
+def scrape_metrics(server) -> dict[str, float]:
+    """The server's /metrics, each metric summed over its label sets."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"{server.url}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        name_labels, _, value = line.rpartition(" ")
+        name = name_labels.split("{", 1)[0]
+        try:
+            out[name] = out.get(name, 0.0) + float(value)
+        except ValueError:
+            pass
+    return out
+
+
+@pytest.fixture(scope="module")
+def clasp_server(model_dir, tmp_path_factory):
+    """`vllm serve <model> --speculative-config '{"method": "clasp"}'` on a free loopback port."""
+    with serve(model_dir, tmp_path_factory.mktemp("clasp_server"), {"method": "clasp"}) as server:
+        yield server

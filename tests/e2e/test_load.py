@@ -20,18 +20,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import random
-import subprocess
 import time
 import urllib.error
 import urllib.request
 
 import pytest
 
-from .conftest import (
-    SERVER_START_TIMEOUT_S, ClaspServer, chat, free_port, stop_process, vllm_serve_cmd,
-)
+from .conftest import chat, scrape_metrics, serve
 from .prompts import CHAT_PROMPTS
 from .test_exactness import assert_matches_plain
 
@@ -44,54 +40,7 @@ CLASP_ALWAYS_DRAFT = {"method": "clasp", "clasp_adaptive": False}
 
 
 # ---------------------------------------------------------------------------------- helpers
-@contextlib.contextmanager
-def serve(model_dir: str, log_dir, spec_config: dict, extra_args: tuple[str, ...] = ()):
-    """`vllm serve` with `spec_config` (plus extra CLI flags) on a free loopback port."""
-    port = free_port()
-    log_path = str(log_dir / "server.log")
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            vllm_serve_cmd(model_dir, port, spec_config) + list(extra_args), stdout=log,
-            stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        )
-    server = ClaspServer(proc, port, model_dir, log_path)
-    try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vllm serve exited with {proc.returncode} during start-up; "
-                            f"log tail:\n{server.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{server.url}/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"vllm serve not healthy after {SERVER_START_TIMEOUT_S} s; "
-                            f"log tail:\n{server.log_tail()}")
-            time.sleep(2)
-        yield server
-    finally:
-        stop_process(proc)
-
-
-def metrics(server) -> dict[str, float]:
-    """/metrics, summed over label sets."""
-    with urllib.request.urlopen(f"{server.url}/metrics", timeout=30) as r:
-        text = r.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        name_labels, _, value = line.rpartition(" ")
-        name = name_labels.split("{", 1)[0]
-        try:
-            out[name] = out.get(name, 0.0) + float(value)
-        except ValueError:
-            pass
-    return out
+metrics = scrape_metrics
 
 
 def wait_idle(server, timeout_s: float = 120) -> dict[str, float]:

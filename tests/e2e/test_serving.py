@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import VLLM_BIN, free_port, log_tail, stop_process, vllm_serve_cmd
+from .conftest import (
+    VLLM_BIN, free_port, log_tail, scrape_metrics, stop_process, vllm_serve_cmd,
+)
 from .prompts import CHAT_PROMPTS
 
 pytestmark = pytest.mark.engine
@@ -39,20 +41,7 @@ def _chat(server, prompt: str, **kwargs) -> str:
     return resp.choices[0].message.content
 
 
-def _metrics(server) -> dict[str, float]:
-    with urllib.request.urlopen(f"{server.url}/metrics", timeout=30) as r:
-        text = r.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        name_labels, _, value = line.rpartition(" ")
-        name = name_labels.split("{", 1)[0]
-        try:
-            out[name] = out.get(name, 0.0) + float(value)
-        except ValueError:
-            pass
-    return out
+_metrics = scrape_metrics
 
 
 def test_chat_and_streaming(clasp_server):
