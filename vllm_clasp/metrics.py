@@ -37,7 +37,8 @@ COUNTERS = (
     ("num_threshold_exits", "vllm:clasp_threshold_exits",
      "Drafts cut short because the draft's top-1 probability fell under the threshold."),
     ("num_plain_steps", "vllm:clasp_speculation_off_steps",
-     "Steps on which the adaptive controller turned model drafting off (measured slower)."),
+     "Steps on which the adaptive controller turned drafting off (all drafts, or the model's"
+     " for requests prompt lookup found nothing for) because it measured slower."),
     ("num_plain_rounds", "vllm:clasp_speculation_off_rounds",
      "Request x steps left without a model draft by the adaptive controller."),
     ("num_reoptimizations", "vllm:clasp_reoptimizations",

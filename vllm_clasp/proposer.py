@@ -69,8 +69,12 @@ class ClaspProposer:
             draft_vocab = self.resolved.draft_vocab_size
         self.never_skip = torch.tensor(self.resolved.never_skip)  # [L] bool
         self.tracker = SkipSetTracker(self.resolved.loi)
+        # Two measured on/off decisions per batch-size bucket: any drafts at all (verifying
+        # drafts costs more than it saves in a compute-bound batch, whatever made them), and
+        # model drafts for requests prompt lookup found nothing for.
+        self.speculation = SpeculationController(enabled=self.resolved.adaptive)
         self.controller = SpeculationController(enabled=self.resolved.adaptive)
-        self._last_step = None  # (batch size, drafted?, start time) of the previous proposal
+        self._last_step = None  # (batch, speculated?, model drafted? or None, start time)
         logger.info(
             "CLaSp: drafting with the target's own %d layers, skipping %d per request "
             "(never skipped: %s), K=%d, LOI=%d, draft-exit threshold %.2f, draft vocab %s",
@@ -114,6 +118,17 @@ class ClaspProposer:
         if not rows:
             return drafts
         started_step = time.perf_counter()
+        num_rows = len(rows)
+
+        # Speculate at all this step? (Measured against not speculating, on every step.)
+        speculate, model_drafts = self._decide(self.speculation, num_rows), None
+        if not speculate:
+            self.stats.record_plain_step(num_rows)
+            self._last_step = (num_rows, False, None, started_step)
+            if not batch.sampling_metadata.all_greedy:
+                self._hand_over_draft_probs(req_ids, [], None, {})
+            self.stats.maybe_log(len(self.tracker))
+            return drafts
 
         # Prompt-lookup drafts cost nothing to make: use them wherever the context repeats.
         token_ids = batch.token_ids_cpu
@@ -128,22 +143,19 @@ class ClaspProposer:
                     copied[i] = draft
                     drafts[i] = draft.tolist()
             self.stats.record_prompt_lookup(len(copied), sum(len(d) for d in copied.values()))
-        rows_all, rows = rows, [i for i in rows if i not in copied]
+        rows = [i for i in rows if i not in copied]
 
-        # Model drafts cost a fraction of a step each: the controller decides by measurement
-        # (on steps without copied drafts, so the two kinds of draft are not confused).
-        draft_now = True
+        # Model drafts for the rest cost a fraction of a step each: measured against leaving
+        # those rows without drafts (steps of the same batch-size bucket).
         if rows:
-            draft_now = bool(self._broadcast(
-                torch.tensor([self.controller.should_draft(len(rows))]))[0])
-            if not draft_now:
+            model_drafts = self._decide(self.controller, num_rows)
+            if not model_drafts:
                 self.stats.record_plain_step(len(rows))
                 rows = []
         # LOI counts the verification steps a request drafted with its skip set; steps without
         # model drafts would otherwise make every occasional model draft pay for a DP run.
         self.tracker.record_verification(req_ids[i] for i in rows)
-        if not copied:
-            self._last_step = (len(rows_all), draft_now, started_step)
+        self._last_step = (num_rows, True, model_drafts, started_step)
 
         probs = lengths = None
         if rows:
@@ -169,16 +181,23 @@ class ClaspProposer:
         self.stats.maybe_log(len(self.tracker))
         return drafts
 
+    def _decide(self, controller: SpeculationController, batch_size: int) -> bool:
+        """The controller's choice on rank 0, the same on every tensor-parallel rank."""
+        return bool(self._broadcast(torch.tensor([controller.should_draft(batch_size)]))[0])
+
     def _observe_last_step(self, scheduler_output, sampled_token_ids, rows) -> None:
-        """Credit the tokens this verification produced to the previous step's decision."""
+        """Credit the tokens this verification produced to the previous step's decisions."""
         last, self._last_step = self._last_step, None
         if last is None or scheduler_output.scheduled_new_reqs:
             return  # a prefill in the step would distort its time
-        batch_size, drafted, started = last
+        batch_size, speculated, model_drafted, started = last
         if len(rows) != batch_size:
             return
         tokens = sum(len(sampled_token_ids[i]) for i in rows)
-        self.controller.observe(batch_size, drafted, tokens, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self.speculation.observe(batch_size, speculated, tokens, seconds)
+        if model_drafted is not None:
+            self.controller.observe(batch_size, model_drafted, tokens, seconds)
 
     def _hand_over_draft_probs(self, req_ids, rows, probs, copied) -> None:
         """The runner's rejection sampler reads q from `_draft_probs` [n, K, vocab]."""

@@ -25,6 +25,7 @@ def proposer_with(live: list[str], tracked: list[str]) -> ClaspProposer:
     proposer.max_model_len = 2048
     proposer.tracker = SkipSetTracker(loi=16)
     proposer.controller = SpeculationController(enabled=False)
+    proposer.speculation = SpeculationController(enabled=False)
     proposer.stats = ClaspStats()
     proposer._last_step = None
     proposer.rows = object()  # not None: PagedRows is built on first use otherwise
@@ -79,3 +80,57 @@ def test_forget_on_a_step_that_never_drafts_empties_the_state():
     proposer.forget(SimpleNamespace(finished_req_ids={"a", "b"}, preempted_req_ids=None))
     assert len(proposer.tracker) == 0
     assert proposer.stats.take_delta()["tracked_requests"] == 0
+
+
+class _Decided:
+    """A controller stub: always the given decision, records observations."""
+
+    def __init__(self, decision: bool):
+        self.decision, self.observed = decision, []
+
+    def should_draft(self, batch_size: int) -> bool:
+        return self.decision
+
+    def observe(self, batch_size, drafted, tokens, seconds) -> None:
+        self.observed.append((batch_size, drafted, tokens))
+
+
+def speculating_proposer(speculate: bool, model: bool) -> ClaspProposer:
+    repeated = [5, 6, 7, 8, 9, 5, 6, 7]  # row 0 ends in a repeat of "5 6 7"
+    fresh = [1, 2, 3, 4, 10, 11, 12, 13]  # row 1 has no repeat
+    proposer = proposer_with(live=["a", "b"], tracked=[])
+    proposer.tp_size = 1
+    proposer.resolved = SimpleNamespace(prompt_lookup_max=3, prompt_lookup_min=3)
+    proposer.speculation, proposer.controller = _Decided(speculate), _Decided(model)
+    batch = proposer.runner.input_batch
+    batch.num_tokens_no_spec = np.array([8, 8])
+    batch.token_ids_cpu = np.array([repeated, fresh])
+    batch.sampling_metadata = SimpleNamespace(all_greedy=True)
+    return proposer
+
+
+def propose(proposer, new_reqs=()):
+    scheduler_output = SimpleNamespace(finished_req_ids=set(), preempted_req_ids=None,
+                                       scheduled_new_reqs=list(new_reqs))
+    return proposer.propose_for_runner(scheduler_output, [[1], [1]])
+
+
+def test_speculation_off_means_no_drafts_of_any_kind():
+    proposer = speculating_proposer(speculate=False, model=True)
+    assert propose(proposer) == [[], []]
+    assert proposer.stats.num_plain_rounds == 2 and proposer.stats.num_prompt_lookup_rounds == 0
+    propose(proposer)  # the next step credits the previous one's decision
+    assert proposer.speculation.observed == [(2, False, 2)]
+    assert proposer.controller.observed == []  # no model decision was taken
+
+
+def test_prompt_lookup_drafts_and_model_off_for_the_rest():
+    proposer = speculating_proposer(speculate=True, model=False)
+    # Row 0 copies what followed the earlier "5 6 7"; row 1 gets nothing: the model arm is off.
+    assert propose(proposer) == [[8, 9, 5, 6, 7], []]
+    assert proposer.stats.num_prompt_lookup_rounds == 1 and proposer.stats.num_plain_rounds == 1
+    propose(proposer)
+    assert proposer.speculation.observed == [(2, True, 2)]
+    assert proposer.controller.observed == [(2, False, 2)]
+    propose(proposer, new_reqs=["c"])  # a prefill in the step: its time is not credited
+    assert len(proposer.speculation.observed) == 1
