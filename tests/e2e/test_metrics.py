@@ -17,14 +17,18 @@ CLASP = {"method": "clasp", "clasp_adaptive": False, "clasp_prompt_lookup_max": 
 
 
 def _clasp_values(name: str) -> float:
-    """Sum over label sets of one CLaSp metric in this process's registry."""
-    from prometheus_client import REGISTRY
+    """Sum over label sets of one CLaSp metric, read from CLaSp's collectors themselves:
+    whether they are in the global registry right now depends on which engine this process
+    built last (each new vLLM engine unregisters all `vllm:` metrics; ours re-register on
+    their next update)."""
+    from vllm_clasp.metrics import _Collectors
 
     total = 0.0
-    for family in REGISTRY.collect():
-        for sample in family.samples:
-            if sample.name == name:
-                total += sample.value
+    for collector in _Collectors._instance.all:
+        for family in collector.collect():
+            for sample in family.samples:
+                if sample.name == name:
+                    total += sample.value
     return total
 
 
@@ -32,6 +36,7 @@ def test_prometheus_counters_equal_the_workers_counters(engines):
     from vllm import SamplingParams
 
     llm = engines.get(dtype="float32", speculative_config=CLASP)
+    engines.get(dtype="float32")  # a later engine unregisters every `vllm:` metric (as in CI)
     names = {
         "num_searches": "vllm:clasp_dp_runs_total",
         "num_search_calls": "vllm:clasp_dp_batches_total",
@@ -57,3 +62,8 @@ def test_prometheus_counters_equal_the_workers_counters(engines):
     assert worker_after["num_reoptimizations"] > worker_before["num_reoptimizations"]
     # After the short request only it can still be tracked; finished requests are freed.
     assert _clasp_values("vllm:clasp_tracked_requests") <= 1
+    from prometheus_client import REGISTRY  # and they are back where get_metrics() reads
+
+    assert REGISTRY.get_sample_value("vllm:clasp_dp_runs_total", {
+        "model_name": llm.llm_engine.vllm_config.model_config.served_model_name,
+        "engine": "0"}) is not None
