@@ -90,13 +90,17 @@ def test_clasp_metrics_and_log_line(clasp_server):
     after = _metrics(clasp_server)
     grew = {name: after.get(name, 0.0) - before.get(name, 0.0) for name in after
             if name.startswith("vllm:clasp_")}
-    assert grew.get("vllm:clasp_dp_runs_total", 0) >= 1, grew  # a new request is always due
-    assert grew.get("vllm:clasp_layer_skipped_total", 0) >= 1, grew
-    assert grew.get("vllm:clasp_skipped_layers_count", 0) >= 1, grew
+    # The adaptive controller may keep this request from model drafts (it learnt from the
+    # earlier ones that they do not pay here), so DP counters are checked as totals: the
+    # server's first requests always try model drafts, and each then needs a DP run.
+    assert after.get("vllm:clasp_dp_runs_total", 0) >= 1, after
+    assert after.get("vllm:clasp_layer_skipped_total", 0) >= 1, after
+    assert after.get("vllm:clasp_skipped_layers_count", 0) >= 1, after
     assert "vllm:clasp_tracked_requests" in after
-    drafted = grew.get("vllm:clasp_model_draft_rounds_total", 0) + grew.get(
-        "vllm:clasp_speculation_off_rounds_total", 0)
-    assert drafted >= 1, grew  # every step either drafts or is counted as turned off
+    # Every step of this request drafted by the model, by prompt lookup, or was counted off.
+    decided = sum(grew.get(f"vllm:clasp_{name}_rounds_total", 0)
+                  for name in ("model_draft", "prompt_lookup", "speculation_off"))
+    assert decided >= 1, grew
     deadline = time.monotonic() + 25  # vLLM logs stats every 10 s
     while "CLaSp: " not in clasp_server.log_tail(200_000) and time.monotonic() < deadline:
         time.sleep(1)
