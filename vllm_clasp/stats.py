@@ -131,7 +131,6 @@ class ClaspStats:
         return delta
 
     def maybe_log(self, num_tracked: int) -> None:
-        self.tracked_requests = num_tracked
         now = time.monotonic()
         if now - self._last_log < LOG_INTERVAL_S:
             return
