@@ -37,10 +37,12 @@ COUNTERS = (
     ("num_threshold_exits", "vllm:clasp_threshold_exits",
      "Drafts cut short because the draft's top-1 probability fell under the threshold."),
     ("num_plain_steps", "vllm:clasp_speculation_off_steps",
-     "Steps on which the adaptive controller turned drafting off (all drafts, or the model's"
-     " for requests prompt lookup found nothing for) because it measured slower."),
+     "Steps that verified no draft token (nothing to draft, or nothing measured worth it)."),
     ("num_plain_rounds", "vllm:clasp_speculation_off_rounds",
-     "Request x steps left without a model draft by the adaptive controller."),
+     "Request x verification steps without a draft."),
+    ("num_unverified_draft_tokens", "vllm:clasp_unverified_draft_tokens",
+     "Draft tokens left unverified because measured costs and acceptance said they would"
+     " not pay for their verification (clasp_adaptive)."),
     ("num_reoptimizations", "vllm:clasp_reoptimizations",
      "DP runs for requests that already had a skip set (every LOI drafting steps)."),
     ("num_skip_set_changes", "vllm:clasp_skip_set_changes",

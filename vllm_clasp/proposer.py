@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from vllm_clasp.controller import SpeculationController
 from vllm_clasp.decoder_stack import DecoderStack
+from vllm_clasp.draft_budget import AcceptanceRates, DraftBudget
 from vllm_clasp.draft_sampling import sample_draft_tokens
 from vllm_clasp.optimizer import search_skip_sets
 from vllm_clasp.paged_rows import PagedRows
@@ -35,6 +37,20 @@ from vllm_clasp.skip_state import SkipSetTracker
 from vllm_clasp.stats import ClaspStats
 
 logger = logging.getLogger("vllm.clasp.proposer")  # covered by vLLM's logging setup
+
+LOOKUP, MODEL = "lookup", "model"  # draft sources, each with its own acceptance rates
+
+
+@dataclass
+class _Step:
+    """What a step decided, credited when the next step sees its verification."""
+
+    batch_size: int
+    model_drafted: bool | None  # the model-draft decision, None when not taken
+    started: float  # perf_counter at the start of the proposal
+    model_seconds: float  # DP + drafting time inside the step
+    verified_tokens: int  # tokens the verification step checks: one per row + drafts
+    drafted: dict  # req_id -> (source, draft tokens verified)
 
 
 class ClaspProposer:
@@ -69,12 +85,13 @@ class ClaspProposer:
             draft_vocab = self.resolved.draft_vocab_size
         self.never_skip = torch.tensor(self.resolved.never_skip)  # [L] bool
         self.tracker = SkipSetTracker(self.resolved.loi)
-        # Two measured on/off decisions per batch-size bucket: any drafts at all (verifying
-        # drafts costs more than it saves in a compute-bound batch, whatever made them), and
-        # model drafts for requests prompt lookup found nothing for.
-        self.speculation = SpeculationController(enabled=self.resolved.adaptive)
+        # Measured decisions: how many draft tokens each step verifies (per batch-size
+        # bucket, from the step-time fit and each request's acceptance), and whether requests
+        # prompt lookup found nothing for get model drafts at all.
+        self.budget = DraftBudget(enabled=self.resolved.adaptive)
+        self.acceptance = AcceptanceRates()
         self.controller = SpeculationController(enabled=self.resolved.adaptive)
-        self._last_step = None  # (batch, speculated?, model drafted? or None, start time)
+        self._last_step: _Step | None = None
         logger.info(
             "CLaSp: drafting with the target's own %d layers, skipping %d per request "
             "(never skipped: %s), K=%d, LOI=%d, draft-exit threshold %.2f, draft vocab %s",
@@ -90,8 +107,9 @@ class ClaspProposer:
         requests finished and drafts nothing, so an idle engine holds no CLaSp state."""
         if self.tracker is None:
             return
-        self.tracker.drop(scheduler_output.finished_req_ids)
-        self.tracker.drop(scheduler_output.preempted_req_ids)
+        for gone in (scheduler_output.finished_req_ids, scheduler_output.preempted_req_ids):
+            self.tracker.drop(gone)
+            self.acceptance.drop(gone)
         self.stats.tracked_requests = len(self.tracker)
 
     # ------------------------------------------------------------------ the runner's entry
@@ -105,6 +123,8 @@ class ClaspProposer:
         self.forget(scheduler_output)
         if len(self.tracker) > len(runner.requests):
             self.tracker.retain(runner.requests.keys())
+        if len(self.acceptance) > len(runner.requests):
+            self.acceptance.retain(runner.requests.keys())
         self.stats.tracked_requests = len(self.tracker)
 
         drafts: list[list[int]] = [[] for _ in req_ids]
@@ -114,23 +134,15 @@ class ClaspProposer:
             i for i, sampled in enumerate(sampled_token_ids[: len(req_ids)])
             if sampled and budget[i] > 0
         ]
-        self._observe_last_step(scheduler_output, sampled_token_ids, rows)
+        self._observe_last_step(scheduler_output, sampled_token_ids, req_ids, rows)
         if not rows:
             return drafts
         started_step = time.perf_counter()
-        num_rows = len(rows)
+        step_rows, num_rows = rows, len(rows)
+        cost = self._step_cost(num_rows)
 
-        # Speculate at all this step? (Measured against not speculating, on every step.)
-        speculate, model_drafts = self._decide(self.speculation, num_rows), None
-        if not speculate:
-            self.stats.record_plain_step(num_rows)
-            self._last_step = (num_rows, False, None, started_step)
-            if not batch.sampling_metadata.all_greedy:
-                self._hand_over_draft_probs(req_ids, [], None, {})
-            self.stats.maybe_log(len(self.tracker))
-            return drafts
-
-        # Prompt-lookup drafts cost nothing to make: use them wherever the context repeats.
+        # Prompt-lookup drafts cost nothing to make: candidates wherever the context repeats,
+        # verified as far as their measured acceptance pays for the verification.
         token_ids = batch.token_ids_cpu
         copied: dict[int, np.ndarray] = {}
         if self.resolved.prompt_lookup_max:
@@ -141,30 +153,30 @@ class ClaspProposer:
                 )
                 if len(draft):
                     copied[i] = draft
-                    drafts[i] = draft.tolist()
-            self.stats.record_prompt_lookup(len(copied), sum(len(d) for d in copied.values()))
+            copied = self._truncate(cost, copied, dict.fromkeys(copied, LOOKUP))
         rows = [i for i in rows if i not in copied]
 
         # Model drafts for the rest cost a fraction of a step each: measured against leaving
         # those rows without drafts (steps of the same batch-size bucket).
+        model_drafts = None
         if rows:
             model_drafts = self._decide(self.controller, num_rows)
             if not model_drafts:
-                self.stats.record_plain_step(len(rows))
                 rows = []
         # LOI counts the verification steps a request drafted with its skip set; steps without
         # model drafts would otherwise make every occasional model draft pay for a DP run.
         self.tracker.record_verification(req_ids[i] for i in rows)
-        self._last_step = (num_rows, True, model_drafts, started_step)
 
-        probs = lengths = None
+        probs, made, model_seconds = None, {}, 0.0
         if rows:
             due = [i for i in rows if self.tracker.is_due(req_ids[i])]
             if due:
                 started = time.perf_counter()
                 masks = self._search(due, num_tokens)  # [B, L] bool
                 changed = [self.tracker.update(req_ids[i], mask) for i, mask in zip(due, masks)]
-                self.stats.record_search(masks, changed, time.perf_counter() - started)
+                seconds = time.perf_counter() - started
+                self.stats.record_search(masks, changed, seconds)
+                model_seconds += seconds
 
             started = time.perf_counter()
             skip = torch.stack([self.tracker.skip_mask(req_ids[i]) for i in rows])  # [R, L]
@@ -173,31 +185,83 @@ class ClaspProposer:
                 torch.from_numpy(num_tokens[rows].astype(np.int64)),
                 torch.from_numpy(budget[rows].astype(np.int64)), skip,
             )
-            for r, i in enumerate(rows):
-                drafts[i] = tokens[r, : lengths[r]].tolist()
-            self.stats.record_drafts(skip, lengths, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            self.stats.record_drafts(skip, lengths, seconds)
+            model_seconds += seconds
+            # The drafting time is spent; verifying the tokens is still to decide, jointly
+            # with the copied drafts, which share the verification step.
+            made = {i: tokens[r, : lengths[r]].numpy() for r, i in enumerate(rows)}
+            kept = self._truncate(cost, {**copied, **made},
+                                  {**dict.fromkeys(copied, LOOKUP), **dict.fromkeys(made, MODEL)})
+            copied = {i: kept[i] for i in copied if i in kept}
+            made = {i: kept[i] for i in made if i in kept}
+        for i, draft in [*copied.items(), *made.items()]:
+            drafts[i] = draft.tolist()
+        self.stats.record_prompt_lookup(len(copied), sum(len(d) for d in copied.values()))
+
+        undrafted = sum(1 for i in step_rows if not drafts[i])
+        if undrafted:
+            self.stats.record_undrafted(undrafted, whole_step=undrafted == num_rows)
+        self._last_step = _Step(
+            batch_size=num_rows, model_drafted=model_drafts, started=started_step,
+            model_seconds=model_seconds,
+            verified_tokens=num_rows + sum(len(drafts[i]) for i in step_rows),
+            drafted={req_ids[i]: (LOOKUP if i in copied else MODEL, len(drafts[i]))
+                     for i in step_rows if drafts[i]},
+        )
         if not batch.sampling_metadata.all_greedy:
             self._hand_over_draft_probs(req_ids, rows, probs, copied)
         self.stats.maybe_log(len(self.tracker))
         return drafts
 
+    def _step_cost(self, batch_size: int) -> tuple[float, float] | None:
+        """This step's verification cost model, rank 0's on every rank; None: verify every
+        candidate token (no fit yet, an exploration step, or adaptivity off)."""
+        cost = self.budget.start_step(batch_size)
+        if self.tp_size == 1:
+            return cost
+        shared = self._broadcast(torch.tensor(
+            [0.0, 0.0, 0.0] if cost is None else [1.0, *cost], dtype=torch.float64))
+        return (float(shared[1]), float(shared[2])) if shared[0] else None
+
+    def _truncate(self, cost, candidates: dict[int, np.ndarray],
+                  sources: dict[int, str]) -> dict[int, np.ndarray]:
+        """The prefix of each row's draft worth verifying; rows left with none are dropped."""
+        order = [i for i, draft in candidates.items() if len(draft)]
+        if cost is None or not order:
+            return {i: candidates[i] for i in order}
+        req_ids = self.runner.input_batch.req_ids
+        lengths = self.budget.lengths(
+            cost, [len(candidates[i]) for i in order],
+            [self.acceptance.rate(req_ids[i], sources[i]) for i in order],
+        )
+        lengths = self._broadcast(torch.tensor(lengths, dtype=torch.long)).tolist()
+        self.stats.record_unverified(sum(len(candidates[i]) for i in order) - sum(lengths))
+        return {i: candidates[i][:k] for i, k in zip(order, lengths) if k > 0}
+
     def _decide(self, controller: SpeculationController, batch_size: int) -> bool:
         """The controller's choice on rank 0, the same on every tensor-parallel rank."""
         return bool(self._broadcast(torch.tensor([controller.should_draft(batch_size)]))[0])
 
-    def _observe_last_step(self, scheduler_output, sampled_token_ids, rows) -> None:
-        """Credit the tokens this verification produced to the previous step's decisions."""
+    def _observe_last_step(self, scheduler_output, sampled_token_ids, req_ids, rows) -> None:
+        """Credit what this verification produced to the previous step's decisions."""
         last, self._last_step = self._last_step, None
-        if last is None or scheduler_output.scheduled_new_reqs:
-            return  # a prefill in the step would distort its time
-        batch_size, speculated, model_drafted, started = last
-        if len(rows) != batch_size:
+        if last is None:
             return
+        index = {req_id: i for i, req_id in enumerate(req_ids)}
+        for req_id, (source, drafted) in last.drafted.items():
+            i = index.get(req_id)
+            if i is not None and i < len(sampled_token_ids) and sampled_token_ids[i]:
+                accepted = len(sampled_token_ids[i]) - 1  # the last one is the bonus/correction
+                self.acceptance.observe(req_id, source, drafted, accepted)
+        if scheduler_output.scheduled_new_reqs or len(rows) != last.batch_size:
+            return  # a prefill in the step, or a changed batch, would distort its time
         tokens = sum(len(sampled_token_ids[i]) for i in rows)
-        seconds = time.perf_counter() - started
-        self.speculation.observe(batch_size, speculated, tokens, seconds)
-        if model_drafted is not None:
-            self.controller.observe(batch_size, model_drafted, tokens, seconds)
+        seconds = time.perf_counter() - last.started
+        self.budget.observe(last.batch_size, last.verified_tokens,
+                            max(seconds - last.model_seconds, 0.0))
+        if last.model_drafted is not None:
+            self.controller.observe(last.batch_size, last.model_drafted, tokens, seconds)
 
     def _hand_over_draft_probs(self, req_ids, rows, probs, copied) -> None:
         """The runner's rejection sampler reads q from `_draft_probs` [n, K, vocab]."""

@@ -41,8 +41,12 @@ class ClaspStats:
     """Requests x verification steps that drafted by prompt lookup instead of the model."""
     num_prompt_lookup_tokens: int = 0
     num_plain_steps: int = 0
-    """Steps on which the adaptive controller turned drafting off (it measured slower)."""
+    """Steps that verified no draft token (no drafts, or none measured worth verifying)."""
     num_plain_rounds: int = 0
+    """Requests x verification steps without a draft."""
+    num_unverified_draft_tokens: int = 0
+    """Candidate draft tokens left unverified because the cost model measured them not worth
+    their verification (adaptive only)."""
     skipped_layers: Counter = field(default_factory=Counter)
     """Distribution of the number of skipped layers per drafting request."""
     num_skip_set_changes: int = 0
@@ -86,9 +90,12 @@ class ClaspStats:
         self.draft_time_s += seconds
         self.skipped_layers.update(skip.sum(dim=1).tolist())
 
-    def record_plain_step(self, num_requests: int) -> None:
-        self.num_plain_steps += 1
+    def record_undrafted(self, num_requests: int, whole_step: bool) -> None:
+        self.num_plain_steps += whole_step
         self.num_plain_rounds += num_requests
+
+    def record_unverified(self, num_tokens: int) -> None:
+        self.num_unverified_draft_tokens += num_tokens
 
     def record_exits(self, count: int) -> None:
         self.num_threshold_exits += count
@@ -106,6 +113,7 @@ class ClaspStats:
             "num_prompt_lookup_tokens": self.num_prompt_lookup_tokens,
             "num_plain_steps": self.num_plain_steps,
             "num_plain_rounds": self.num_plain_rounds,
+            "num_unverified_draft_tokens": self.num_unverified_draft_tokens,
             "skipped_layers": dict(self.skipped_layers),
             "num_skip_set_changes": self.num_skip_set_changes,
             "num_reoptimizations": self.num_reoptimizations,

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from vllm_clasp.controller import SpeculationController
+from vllm_clasp.draft_budget import AcceptanceRates, DraftBudget, choose_lengths
 from vllm_clasp.proposer import ClaspProposer
 from vllm_clasp.skip_state import SkipSetTracker
 from vllm_clasp.stats import ClaspStats
@@ -25,7 +26,8 @@ def proposer_with(live: list[str], tracked: list[str]) -> ClaspProposer:
     proposer.max_model_len = 2048
     proposer.tracker = SkipSetTracker(loi=16)
     proposer.controller = SpeculationController(enabled=False)
-    proposer.speculation = SpeculationController(enabled=False)
+    proposer.budget = DraftBudget(enabled=False)
+    proposer.acceptance = AcceptanceRates()
     proposer.stats = ClaspStats()
     proposer._last_step = None
     proposer.rows = object()  # not None: PagedRows is built on first use otherwise
@@ -95,13 +97,27 @@ class _Decided:
         self.observed.append((batch_size, drafted, tokens))
 
 
-def speculating_proposer(speculate: bool, model: bool) -> ClaspProposer:
+class _FixedCost(DraftBudget):
+    """A draft budget with a given step-cost model on every step; records observations."""
+
+    def __init__(self, cost):
+        super().__init__()
+        self.cost, self.observed = cost, []
+
+    def start_step(self, batch_size: int):
+        return self.cost
+
+    def observe(self, batch_size, tokens_verified, seconds) -> None:
+        self.observed.append((batch_size, tokens_verified))
+
+
+def speculating_proposer(model: bool, cost=None) -> ClaspProposer:
     repeated = [5, 6, 7, 8, 9, 5, 6, 7]  # row 0 ends in a repeat of "5 6 7"
     fresh = [1, 2, 3, 4, 10, 11, 12, 13]  # row 1 has no repeat
     proposer = proposer_with(live=["a", "b"], tracked=[])
     proposer.tp_size = 1
     proposer.resolved = SimpleNamespace(prompt_lookup_max=3, prompt_lookup_min=3)
-    proposer.speculation, proposer.controller = _Decided(speculate), _Decided(model)
+    proposer.controller, proposer.budget = _Decided(model), _FixedCost(cost)
     batch = proposer.runner.input_batch
     batch.num_tokens_no_spec = np.array([8, 8])
     batch.token_ids_cpu = np.array([repeated, fresh])
@@ -109,28 +125,49 @@ def speculating_proposer(speculate: bool, model: bool) -> ClaspProposer:
     return proposer
 
 
-def propose(proposer, new_reqs=()):
+def propose(proposer, new_reqs=(), sampled=([1], [1])):
     scheduler_output = SimpleNamespace(finished_req_ids=set(), preempted_req_ids=None,
                                        scheduled_new_reqs=list(new_reqs))
-    return proposer.propose_for_runner(scheduler_output, [[1], [1]])
-
-
-def test_speculation_off_means_no_drafts_of_any_kind():
-    proposer = speculating_proposer(speculate=False, model=True)
-    assert propose(proposer) == [[], []]
-    assert proposer.stats.num_plain_rounds == 2 and proposer.stats.num_prompt_lookup_rounds == 0
-    propose(proposer)  # the next step credits the previous one's decision
-    assert proposer.speculation.observed == [(2, False, 2)]
-    assert proposer.controller.observed == []  # no model decision was taken
+    return proposer.propose_for_runner(scheduler_output, [list(s) for s in sampled])
 
 
 def test_prompt_lookup_drafts_and_model_off_for_the_rest():
-    proposer = speculating_proposer(speculate=True, model=False)
+    proposer = speculating_proposer(model=False)
     # Row 0 copies what followed the earlier "5 6 7"; row 1 gets nothing: the model arm is off.
     assert propose(proposer) == [[8, 9, 5, 6, 7], []]
     assert proposer.stats.num_prompt_lookup_rounds == 1 and proposer.stats.num_plain_rounds == 1
-    propose(proposer)
-    assert proposer.speculation.observed == [(2, True, 2)]
-    assert proposer.controller.observed == [(2, False, 2)]
+    assert proposer.stats.num_plain_steps == 0  # one request drafted
+    # The next step credits the previous one: 2 requests verified 2 + 5 tokens; request "a"
+    # got 2 of its 5 copied tokens accepted (3 sampled = 2 accepted + the correction).
+    propose(proposer, sampled=([8, 9, 4], [1]))
+    assert proposer.budget.observed == [(2, 7)]
+    assert proposer.controller.observed == [(2, False, 4)]
+    assert proposer.acceptance.rate("a", "lookup") > proposer.acceptance.source_rate("lookup")
     propose(proposer, new_reqs=["c"])  # a prefill in the step: its time is not credited
-    assert len(proposer.speculation.observed) == 1
+    assert len(proposer.budget.observed) == 1 and len(proposer.controller.observed) == 1
+
+
+def test_finished_requests_acceptance_is_forgotten():
+    proposer = speculating_proposer(model=False)
+    propose(proposer)
+    propose(proposer, sampled=([8, 9, 4], [1]))
+    assert len(proposer.acceptance) == 1
+    proposer.forget(SimpleNamespace(finished_req_ids={"a"}, preempted_req_ids=None))
+    assert len(proposer.acceptance) == 0
+
+
+def test_measured_costs_truncate_copied_drafts():
+    """With verification paying per token, only the copied tokens likely enough to be
+    accepted are verified (rate 0.5 before any observation: gains 0.5, 0.25, 0.125, ...)."""
+    fixed, per_token = 0.010, 0.001
+    proposer = speculating_proposer(model=False, cost=(fixed, per_token))
+    # Both requests verify one token each (E = 2 tokens in T = 0.012 s); a copied token of
+    # gain g is worth its 0.001 s while g * T > E * 0.001: 0.5 and 0.25 are, 0.125 is not.
+    assert choose_lengths([5, 0], [0.5, 0.5], fixed, per_token) == [2, 0]
+    drafts = propose(proposer)
+    assert drafts == [[8, 9], []]
+    assert proposer.stats.num_unverified_draft_tokens == 3
+    # Verification as expensive as a whole step per token: nothing is worth verifying.
+    proposer = speculating_proposer(model=False, cost=(fixed, fixed))
+    assert propose(proposer) == [[], []]
+    assert proposer.stats.num_plain_steps == 1 and proposer.stats.num_unverified_draft_tokens == 5

@@ -1,0 +1,112 @@
+"""The draft budget: the step-cost fit, acceptance rates, and the choice of draft lengths
+(brute force over every combination of draft prefixes on small cases)."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from vllm_clasp.draft_budget import (
+    MIN_STEPS,
+    AcceptanceRates,
+    DraftBudget,
+    StepCostFit,
+    choose_lengths,
+)
+
+
+def tokens_per_second(lengths, rates, fixed, per_token) -> float:
+    expected = sum(1 + sum(rate ** i for i in range(1, k + 1)) for k, rate in zip(lengths, rates))
+    return expected / (fixed + per_token * sum(1 + k for k in lengths))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_choice_maximises_expected_tokens_per_second(seed):
+    rng = random.Random(seed)
+    n = rng.randint(1, 4)
+    candidates = [rng.randint(0, 4) for _ in range(n)]
+    rates = [rng.uniform(0.05, 0.95) for _ in range(n)]
+    fixed = rng.uniform(0.005, 0.1)
+    per_token = fixed * rng.choice([0.0, 0.01, 0.1, 0.3, 1.0, 3.0])
+    chosen = choose_lengths(candidates, rates, fixed, per_token)
+    assert all(0 <= k <= c for k, c in zip(chosen, candidates))
+    best = max(
+        tokens_per_second(lengths, rates, fixed, per_token)
+        for lengths in itertools.product(*(range(c + 1) for c in candidates))
+    )
+    assert tokens_per_second(chosen, rates, fixed, per_token) == pytest.approx(best, rel=1e-12)
+
+
+def test_free_verification_keeps_every_candidate():
+    assert choose_lengths([3, 0, 8], [0.01, 0.5, 0.2], fixed=0.05, per_token=0.0) == [3, 0, 8]
+
+
+def test_costly_verification_keeps_only_likely_tokens():
+    # Verifying a token costs a tenth of a step: a token must be accepted with a
+    # probability above ~0.1 x the tokens per step already expected.
+    assert choose_lengths([8, 8], [0.9, 0.1], fixed=0.09, per_token=0.01)[1] == 0
+    assert choose_lengths([8, 8], [0.9, 0.1], fixed=0.09, per_token=0.01)[0] >= 5
+
+
+def test_fit_recovers_a_line_and_waits_for_spread():
+    fit = StepCostFit()
+    for _ in range(MIN_STEPS + 5):
+        fit.observe(4, 0.05)
+    assert fit.estimate() is None  # every step verified 4 tokens: no slope to see
+    rng = random.Random(0)
+    fit = StepCostFit()
+    for _ in range(200):
+        n = rng.randint(1, 40)
+        fit.observe(n, 0.02 + 0.003 * n + rng.gauss(0, 0.001))
+    fixed, per_token = fit.estimate()
+    assert fixed == pytest.approx(0.02, abs=0.002)
+    assert per_token == pytest.approx(0.003, rel=0.05)
+
+
+def test_fit_follows_a_change():
+    fit = StepCostFit()
+    for i in range(300):
+        fit.observe(1 + i % 9, 0.05 + 0.01 * (1 + i % 9))
+    for i in range(300):  # the machine got faster per token
+        fit.observe(1 + i % 9, 0.05 + 0.001 * (1 + i % 9))
+    assert fit.estimate()[1] == pytest.approx(0.001, rel=0.05)
+
+
+def test_fit_slope_is_never_negative():
+    fit = StepCostFit()
+    for n in range(1, 20):
+        fit.observe(n, 0.1 - 0.001 * n)
+    assert fit.estimate()[1] == 0.0
+
+
+def test_acceptance_rates_count_judged_positions_and_shrink_to_the_source():
+    rates = AcceptanceRates(prior=0.5, prior_weight=4)
+    assert rates.rate("a", "lookup") == 0.5
+    rates.observe("a", "lookup", drafted=5, accepted=5)  # 5 judged, 5 kept
+    rates.observe("b", "lookup", drafted=5, accepted=0)  # 1 judged (the first), 0 kept
+    assert rates.source_rate("lookup") == pytest.approx((5 + 2) / (6 + 4))
+    source = rates.source_rate("lookup")
+    assert rates.rate("a", "lookup") == pytest.approx((5 + 4 * source) / (5 + 4))
+    assert rates.rate("b", "lookup") == pytest.approx((0 + 4 * source) / (1 + 4))
+    assert rates.rate("a", "model") == 0.5  # sources are separate
+    assert len(rates) == 2
+    rates.drop({"a"})
+    assert len(rates) == 1
+    rates.retain(["c"])
+    assert len(rates) == 0
+
+
+def test_budget_explores_and_switches_off():
+    budget = DraftBudget(explore_every=4)
+    assert budget.start_step(1) is None  # no fit yet: verify everything
+    for i in range(20):
+        budget.observe(1, 1 + i % 5, 0.05 + 0.001 * (1 + i % 5))
+    decided = [budget.start_step(1) for _ in range(8)]
+    assert sum(d is None for d in decided) == 2  # every 4th step of the bucket explores
+    assert all(d is not None for i, d in enumerate(decided, start=2) if i % 4)
+    assert budget.lengths(None, [3, 2], [0.1, 0.1]) == [3, 2]
+    off = DraftBudget(enabled=False)
+    off.observe(1, 3, 0.05)
+    assert off.start_step(1) is None and off.fits == {}

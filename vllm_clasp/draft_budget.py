@@ -1,0 +1,170 @@
+"""How many draft tokens to verify per request, from measured costs and acceptance (host-free).
+
+Verifying a draft token costs time whether it is accepted or not, and how much depends on the
+batch: a batch-1 step on a memory-bound device verifies 8 tokens for about the price of 1,
+while a large batch is compute-bound and pays for every token. So per batch-size bucket the
+verification step time is modelled as
+
+    seconds = fixed + per_token * tokens_verified
+
+fitted by exponentially weighted least squares over the steps seen (`StepCostFit`), and each
+request's drafts of each source (prompt lookup, the layer-skipped model) are accepted at a
+measured rate alpha (`AcceptanceRates`): a draft's i-th token is accepted with probability
+alpha^i, the first rejection ending the draft. A step that verifies tokens worth E expected
+output tokens in T seconds makes E/T tokens per second; adding a token of expected gain g and
+cost per_token raises that iff g * T > E * per_token. `choose_lengths` adds tokens in order of
+expected gain while that holds, so a memory-bound step (per_token ~ 0) verifies every draft,
+and a compute-bound one only the drafts likely to be accepted.
+
+The fit needs steps with different token counts; drafts and the batch size provide them, and
+`DraftBudget` verifies every candidate on every `explore_every`-th step of a bucket and until
+its fit exists, so an over-estimated per-token cost is noticed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable, Sequence
+
+from vllm_clasp.controller import batch_bucket
+
+FORGET = 0.98
+"""Weight of an older step relative to the next one (an effective window of ~50 steps)."""
+MIN_STEPS = 8
+PRIOR_WEIGHT = 4.0
+"""Pseudo-trials of the source-wide rate in a request's own acceptance estimate."""
+
+
+class StepCostFit:
+    """Exponentially weighted least squares of seconds on tokens verified."""
+
+    def __init__(self, forget: float = FORGET):
+        self.forget = forget
+        self.steps = 0
+        self._w = self._n = self._nn = self._t = self._nt = 0.0  # weighted sums
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        f = self.forget
+        self._w = f * self._w + 1.0
+        self._n = f * self._n + tokens
+        self._nn = f * self._nn + tokens * tokens
+        self._t = f * self._t + seconds
+        self._nt = f * self._nt + tokens * seconds
+        self.steps += 1
+
+    def estimate(self) -> tuple[float, float] | None:
+        """(fixed seconds, seconds per token), or None before MIN_STEPS steps or while the
+        steps seen all verified (nearly) the same number of tokens."""
+        if self.steps < MIN_STEPS:
+            return None
+        mean_n, mean_t = self._n / self._w, self._t / self._w
+        var_n = self._nn / self._w - mean_n * mean_n
+        if var_n < 0.25:  # token counts spread by less than ~0.5: the slope is noise
+            return None
+        per_token = max((self._nt / self._w - mean_n * mean_t) / var_n, 0.0)
+        fixed = max(mean_t - per_token * mean_n, 0.0)
+        return fixed, per_token
+
+
+class AcceptanceRates:
+    """Per request and draft source: the rate at which its draft tokens are accepted, shrunk
+    towards the source-wide rate while the request has few observations of its own."""
+
+    def __init__(self, prior: float = 0.5, prior_weight: float = PRIOR_WEIGHT):
+        self.prior, self.prior_weight = prior, prior_weight
+        self._requests: dict[tuple[Hashable, str], list[float]] = {}  # [accepted, tried]
+        self._sources: dict[str, list[float]] = {}
+
+    def observe(self, req_id: Hashable, source: str, drafted: int, accepted: int) -> None:
+        """A verified draft of `drafted` tokens of which the first `accepted` were kept."""
+        if drafted <= 0:
+            return
+        tried = accepted + 1 if accepted < drafted else drafted  # positions that were judged
+        for counts in (self._requests.setdefault((req_id, source), [0.0, 0.0]),
+                       self._sources.setdefault(source, [0.0, 0.0])):
+            counts[0] += accepted
+            counts[1] += tried
+        source_counts = self._sources[source]
+        if source_counts[1] > 1000:  # keep the source-wide rate current
+            source_counts[0] *= 0.5
+            source_counts[1] *= 0.5
+
+    def source_rate(self, source: str) -> float:
+        accepted, tried = self._sources.get(source, (0.0, 0.0))
+        return (accepted + self.prior * self.prior_weight) / (tried + self.prior_weight)
+
+    def rate(self, req_id: Hashable, source: str) -> float:
+        accepted, tried = self._requests.get((req_id, source), (0.0, 0.0))
+        w = self.prior_weight
+        return (accepted + self.source_rate(source) * w) / (tried + w)
+
+    def drop(self, req_ids: Iterable[Hashable] | None) -> None:
+        if req_ids:
+            gone = set(req_ids)
+            self._requests = {k: v for k, v in self._requests.items() if k[0] not in gone}
+
+    def retain(self, req_ids: Iterable[Hashable]) -> None:
+        live = set(req_ids)
+        self._requests = {k: v for k, v in self._requests.items() if k[0] in live}
+
+    def __len__(self) -> int:
+        return len({req_id for req_id, _ in self._requests})
+
+
+def choose_lengths(
+    candidates: Sequence[int],  # per request: draft tokens available (0 = none)
+    rates: Sequence[float],  # per request: acceptance rate of those tokens
+    fixed: float,
+    per_token: float,
+) -> list[int]:
+    """Per request, how many of its candidate tokens to verify (a prefix of each draft)."""
+    lengths = [0] * len(candidates)
+    if per_token <= 0:
+        return list(candidates)
+    expected = float(len(candidates))  # each request's verified token (or bonus) is certain
+    seconds = fixed + per_token * len(candidates)
+    gains = sorted(
+        ((rate ** position, row)
+         for row, (count, rate) in enumerate(zip(candidates, rates))
+         for position in range(1, count + 1)),
+        reverse=True,
+    )  # a row's gains fall with the position, so every prefix of this order is a draft prefix
+    for gain, row in gains:
+        if gain * seconds <= expected * per_token:
+            break
+        lengths[row] += 1
+        expected += gain
+        seconds += per_token
+    return lengths
+
+
+class DraftBudget:
+    """`choose_lengths` with per-bucket fits, exploration, and an off switch."""
+
+    def __init__(self, explore_every: int = 32, enabled: bool = True):
+        self.explore_every = explore_every
+        self.enabled = enabled
+        self.fits: dict[int, StepCostFit] = {}
+        self._steps: dict[int, int] = {}
+
+    def observe(self, batch_size: int, tokens_verified: int, seconds: float) -> None:
+        if self.enabled and seconds > 0:
+            self.fits.setdefault(batch_bucket(batch_size), StepCostFit()).observe(
+                tokens_verified, seconds)
+
+    def start_step(self, batch_size: int) -> tuple[float, float] | None:
+        """The cost fit to decide this step's lengths with; None: verify every candidate."""
+        if not self.enabled:
+            return None
+        bucket = batch_bucket(batch_size)
+        self._steps[bucket] = steps = self._steps.get(bucket, 0) + 1
+        fit = self.fits.get(bucket)
+        if fit is None or steps % self.explore_every == 0:
+            return None
+        return fit.estimate()
+
+    def lengths(self, cost: tuple[float, float] | None, candidates: Sequence[int],
+                rates: Sequence[float]) -> list[int]:
+        return list(candidates) if cost is None else choose_lengths(candidates, rates, *cost)
+
+    def summary(self) -> dict[int, tuple[float, float] | None]:
+        return {bucket: fit.estimate() for bucket, fit in sorted(self.fits.items())}
