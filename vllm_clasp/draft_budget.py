@@ -16,22 +16,38 @@ cost per_token raises that iff g * T > E * per_token. `choose_lengths` adds toke
 expected gain while that holds, so a memory-bound step (per_token ~ 0) verifies every draft,
 and a compute-bound one only the drafts likely to be accepted.
 
+Model drafts cost time before any token is verified: the layer-skipped forward passes and
+the DP, measured per drafted request and step (`DraftBudget.model_row_cost`). The same rule
+decides which requests get them (`choose_rows`): a request whose model draft is expected to
+gain g tokens for c seconds of drafting plus verification is drafted iff g * T > E * c.
+
 The fit needs steps with different token counts; drafts and the batch size provide them, and
 `DraftBudget` verifies every candidate on every `explore_every`-th step of a bucket and until
-its fit exists, so an over-estimated per-token cost is noticed.
+its fit exists, so an over-estimated per-token cost is noticed; model drafts are likewise
+made on every `explore_every`-th step and until their cost has been measured in the bucket.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable, Sequence
 
-from vllm_clasp.controller import batch_bucket
-
 FORGET = 0.98
 """Weight of an older step relative to the next one (an effective window of ~50 steps)."""
 MIN_STEPS = 8
 PRIOR_WEIGHT = 4.0
 """Pseudo-trials of the source-wide rate in a request's own acceptance estimate."""
+
+
+def batch_bucket(batch_size: int) -> int:
+    """1, 2, 4, 8, ...: the power of two at or below batch_size."""
+    return 1 << (max(batch_size, 1).bit_length() - 1)
+
+
+def expected_accepted(rate: float, length: float) -> float:
+    """Expected accepted tokens of a draft of `length` tokens accepted at `rate` each."""
+    whole = int(length)
+    gain = sum(rate ** i for i in range(1, whole + 1))
+    return gain + (length - whole) * rate ** (whole + 1)
 
 
 class StepCostFit:
@@ -137,14 +153,70 @@ def choose_lengths(
     return lengths
 
 
-class DraftBudget:
-    """`choose_lengths` with per-bucket fits, exploration, and an off switch."""
+def choose_rows(
+    gains: Sequence[float],  # per candidate request: expected accepted tokens of its draft
+    row_cost: float,  # seconds per request: drafting it and verifying its draft
+    expected: float,  # tokens the step is already expected to produce
+    seconds: float,  # what the step already costs
+) -> list[bool]:
+    """Which requests to draft for: in order of gain, while g * T > E * row_cost."""
+    chosen = [False] * len(gains)
+    for row in sorted(range(len(gains)), key=lambda r: -gains[r]):
+        if gains[row] * seconds <= expected * row_cost:
+            break
+        chosen[row] = True
+        expected += gains[row]
+        seconds += row_cost
+    return chosen
 
-    def __init__(self, explore_every: int = 32, enabled: bool = True):
+
+class DraftBudget:
+    """`choose_lengths` and `choose_rows` with per-bucket fits, exploration, and an off
+    switch."""
+
+    def __init__(self, explore_every: int = 32, enabled: bool = True, loi: int = 16):
         self.explore_every = explore_every
         self.enabled = enabled
+        self.loi = loi
         self.fits: dict[int, StepCostFit] = {}
         self._steps: dict[int, int] = {}
+        self._model_steps: dict[int, int] = {}
+        self._model_row_cost: dict[int, float] = {}  # bucket -> EW seconds per drafted row
+        self._search_row_cost: dict[int, float] = {}  # bucket -> EW DP seconds per request
+        self.model_draft_length = 2.0
+        """EW mean length of the model's drafts (they stop at the draft-exit threshold)."""
+
+    def observe_model(self, batch_size: int, rows: int, seconds: float, tokens: int) -> None:
+        """A step drafted `tokens` for `rows` requests with the model in `seconds`."""
+        if not self.enabled or rows <= 0:
+            return
+        self._ew(self._model_row_cost, batch_bucket(batch_size), seconds / rows)
+        self.model_draft_length += 0.1 * (tokens / rows - self.model_draft_length)
+
+    def observe_search(self, batch_size: int, rows: int, seconds: float) -> None:
+        """A step ran the DP for `rows` requests in `seconds` (once per `loi` drafting steps
+        of a request, so a model draft carries 1/loi of it)."""
+        if self.enabled and rows > 0:
+            self._ew(self._search_row_cost, batch_bucket(batch_size), seconds / rows)
+
+    @staticmethod
+    def _ew(averages: dict[int, float], bucket: int, value: float) -> None:
+        last = averages.get(bucket)
+        averages[bucket] = value if last is None else last + 0.2 * (value - last)
+
+    def model_row_cost(self, batch_size: int) -> float | None:
+        """Seconds a model draft costs per request in this bucket; None: draft for every
+        candidate request (not measured in the bucket yet, or an exploration step)."""
+        if not self.enabled:
+            return None
+        bucket = batch_bucket(batch_size)
+        self._model_steps[bucket] = steps = self._model_steps.get(bucket, 0) + 1
+        if steps % self.explore_every == 0:
+            return None
+        draft = self._model_row_cost.get(bucket)
+        if draft is None:
+            return None
+        return draft + self._search_row_cost.get(bucket, 0.0) / self.loi
 
     def observe(self, batch_size: int, tokens_verified: int, seconds: float) -> None:
         if self.enabled and seconds > 0:
@@ -166,5 +238,10 @@ class DraftBudget:
                 rates: Sequence[float]) -> list[int]:
         return list(candidates) if cost is None else choose_lengths(candidates, rates, *cost)
 
-    def summary(self) -> dict[int, tuple[float, float] | None]:
-        return {bucket: fit.estimate() for bucket, fit in sorted(self.fits.items())}
+    def summary(self) -> dict:
+        return {
+            "verify_cost": {b: fit.estimate() for b, fit in sorted(self.fits.items())},
+            "model_row_cost": dict(sorted(self._model_row_cost.items())),
+            "search_row_cost": dict(sorted(self._search_row_cost.items())),
+            "model_draft_length": self.model_draft_length,
+        }

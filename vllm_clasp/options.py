@@ -13,7 +13,7 @@ Keys in `--speculative-config` JSON (besides vLLM's `method` and `num_speculativ
   clasp_draft_vocab_size       int >= 0     draft head over the first N token ids (0: all)
   clasp_prompt_lookup_max      int >= 0     longest n-gram for prompt-lookup drafts (5; 0: off)
   clasp_prompt_lookup_min      int >= 1     shortest n-gram for prompt-lookup drafts
-  clasp_adaptive               bool         turn drafting off where it measures slower
+  clasp_adaptive               bool         verify/draft only what measures worth it
 """
 
 from __future__ import annotations
@@ -59,8 +59,9 @@ class ClaspOptions:
     prompt_lookup_min: int | None = None
     """Shortest n-gram that counts as a match; None means min(3, prompt_lookup_max)."""
     adaptive: bool = True
-    """Measure tokens/s with and without drafting per batch-size bucket and draft only where
-    it pays (see vllm_clasp.controller). False drafts on every step."""
+    """Make model drafts, and verify draft tokens, only where measured costs and acceptance
+    say they pay (vllm_clasp.draft_budget). False drafts on every step and verifies every
+    draft token."""
 
     def __post_init__(self) -> None:
         if self.skip_layers is not None and self.skip_ratio is not None:

@@ -26,9 +26,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vllm_clasp.controller import SpeculationController
 from vllm_clasp.decoder_stack import DecoderStack
-from vllm_clasp.draft_budget import AcceptanceRates, DraftBudget
+from vllm_clasp.draft_budget import (
+    AcceptanceRates,
+    DraftBudget,
+    choose_rows,
+    expected_accepted,
+)
 from vllm_clasp.draft_sampling import sample_draft_tokens
 from vllm_clasp.optimizer import search_skip_sets
 from vllm_clasp.paged_rows import PagedRows
@@ -46,7 +50,6 @@ class _Step:
     """What a step decided, credited when the next step sees its verification."""
 
     batch_size: int
-    model_drafted: bool | None  # the model-draft decision, None when not taken
     started: float  # perf_counter at the start of the proposal
     model_seconds: float  # DP + drafting time inside the step
     verified_tokens: int  # tokens the verification step checks: one per row + drafts
@@ -85,12 +88,11 @@ class ClaspProposer:
             draft_vocab = self.resolved.draft_vocab_size
         self.never_skip = torch.tensor(self.resolved.never_skip)  # [L] bool
         self.tracker = SkipSetTracker(self.resolved.loi)
-        # Measured decisions: how many draft tokens each step verifies (per batch-size
-        # bucket, from the step-time fit and each request's acceptance), and whether requests
-        # prompt lookup found nothing for get model drafts at all.
-        self.budget = DraftBudget(enabled=self.resolved.adaptive)
+        # Measured decisions (per batch-size bucket, from step-time fits, the measured cost of
+        # model drafts and each request's acceptance): which requests prompt lookup found
+        # nothing for get model drafts, and how many draft tokens each step verifies.
+        self.budget = DraftBudget(enabled=self.resolved.adaptive, loi=self.resolved.loi)
         self.acceptance = AcceptanceRates()
-        self.controller = SpeculationController(enabled=self.resolved.adaptive)
         self._last_step: _Step | None = None
         logger.info(
             "CLaSp: drafting with the target's own %d layers, skipping %d per request "
@@ -156,13 +158,10 @@ class ClaspProposer:
             copied = self._truncate(cost, copied, dict.fromkeys(copied, LOOKUP))
         rows = [i for i in rows if i not in copied]
 
-        # Model drafts for the rest cost a fraction of a step each: measured against leaving
-        # those rows without drafts (steps of the same batch-size bucket).
-        model_drafts = None
+        # Model drafts for the rest cost a fraction of a step each before any verification:
+        # only for the requests whose expected accepted tokens are worth that.
         if rows:
-            model_drafts = self._decide(self.controller, num_rows)
-            if not model_drafts:
-                rows = []
+            rows = self._model_rows(cost, rows, copied, num_rows)
         # LOI counts the verification steps a request drafted with its skip set; steps without
         # model drafts would otherwise make every occasional model draft pay for a DP run.
         self.tracker.record_verification(req_ids[i] for i in rows)
@@ -176,6 +175,7 @@ class ClaspProposer:
                 changed = [self.tracker.update(req_ids[i], mask) for i, mask in zip(due, masks)]
                 seconds = time.perf_counter() - started
                 self.stats.record_search(masks, changed, seconds)
+                self.budget.observe_search(num_rows, len(due), seconds)
                 model_seconds += seconds
 
             started = time.perf_counter()
@@ -187,6 +187,7 @@ class ClaspProposer:
             )
             seconds = time.perf_counter() - started
             self.stats.record_drafts(skip, lengths, seconds)
+            self.budget.observe_model(num_rows, len(rows), seconds, sum(lengths))
             model_seconds += seconds
             # The drafting time is spent; verifying the tokens is still to decide, jointly
             # with the copied drafts, which share the verification step.
@@ -203,7 +204,7 @@ class ClaspProposer:
         if undrafted:
             self.stats.record_undrafted(undrafted, whole_step=undrafted == num_rows)
         self._last_step = _Step(
-            batch_size=num_rows, model_drafted=model_drafts, started=started_step,
+            batch_size=num_rows, started=started_step,
             model_seconds=model_seconds,
             verified_tokens=num_rows + sum(len(drafts[i]) for i in step_rows),
             drafted={req_ids[i]: (LOOKUP if i in copied else MODEL, len(drafts[i]))
@@ -239,9 +240,25 @@ class ClaspProposer:
         self.stats.record_unverified(sum(len(candidates[i]) for i in order) - sum(lengths))
         return {i: candidates[i][:k] for i, k in zip(order, lengths) if k > 0}
 
-    def _decide(self, controller: SpeculationController, batch_size: int) -> bool:
-        """The controller's choice on rank 0, the same on every tensor-parallel rank."""
-        return bool(self._broadcast(torch.tensor([controller.should_draft(batch_size)]))[0])
+    def _model_rows(self, cost, rows: list[int], copied: dict[int, np.ndarray],
+                    num_rows: int) -> list[int]:
+        """The rows (of `rows`, those without a copied draft) worth a model draft, rank 0's
+        choice on every rank."""
+        row_cost = self.budget.model_row_cost(num_rows)
+        chosen = [True] * len(rows)
+        if cost is not None and row_cost is not None:
+            fixed, per_token = cost
+            req_ids = self.runner.input_batch.req_ids
+            length = self.budget.model_draft_length
+            expected = num_rows + sum(
+                expected_accepted(self.acceptance.rate(req_ids[i], LOOKUP), len(draft))
+                for i, draft in copied.items())
+            seconds = fixed + per_token * (num_rows + sum(len(d) for d in copied.values()))
+            gains = [expected_accepted(self.acceptance.rate(req_ids[i], MODEL), length)
+                     for i in rows]
+            chosen = choose_rows(gains, row_cost + per_token * length, expected, seconds)
+        chosen = self._broadcast(torch.tensor(chosen)).tolist()
+        return [i for i, keep in zip(rows, chosen) if keep]
 
     def _observe_last_step(self, scheduler_output, sampled_token_ids, req_ids, rows) -> None:
         """Credit what this verification produced to the previous step's decisions."""
@@ -256,12 +273,9 @@ class ClaspProposer:
                 self.acceptance.observe(req_id, source, drafted, accepted)
         if scheduler_output.scheduled_new_reqs or len(rows) != last.batch_size:
             return  # a prefill in the step, or a changed batch, would distort its time
-        tokens = sum(len(sampled_token_ids[i]) for i in rows)
         seconds = time.perf_counter() - last.started
         self.budget.observe(last.batch_size, last.verified_tokens,
                             max(seconds - last.model_seconds, 0.0))
-        if last.model_drafted is not None:
-            self.controller.observe(last.batch_size, last.model_drafted, tokens, seconds)
 
     def _hand_over_draft_probs(self, req_ids, rows, probs, copied) -> None:
         """The runner's rejection sampler reads q from `_draft_probs` [n, K, vocab]."""

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.engine
 QUESTIONS = Path(__file__).resolve().parents[3] / "shared" / "data" / "spec_bench" / "question.jsonl"
 GROUPS = ["mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag"]
 # `clasp` with its defaults may measure drafting slower on 32-token answers and turn it off
-# (its adaptive controller); `clasp-always` drafts on every step, so the draft path is
+# (its adaptive draft budget); `clasp-always` drafts on every step, so the draft path is
 # exercised whatever the machine's noise decides.
 ALWAYS_DRAFT = 'clasp-always={"method": "clasp", "clasp_adaptive": false}'
 METHOD_SPECS = ["plain", "clasp", ALWAYS_DRAFT, "ngram"]

@@ -18,7 +18,7 @@ from tests.e2e.prompts import CHAT_PROMPTS
 pytestmark = pytest.mark.engine
 
 MAX_TOKENS = 128
-# Defaults, except that every step drafts: the adaptive controller may turn drafting off
+# Defaults, except that every step drafts: the adaptive draft budget may turn drafting off
 # where it measures slower, which would leave less of the draft path under test.
 CLASP = {"method": "clasp", "clasp_adaptive": False, "clasp_prompt_lookup_max": 0}
 # Largest top-2 log-prob margin at a divergence that we still call numerics.

@@ -34,7 +34,7 @@ from .test_exactness import assert_matches_plain
 pytestmark = pytest.mark.engine
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}
-# Drafting on every step (as test_exactness.py): the adaptive controller could otherwise turn
+# Drafting on every step (as test_exactness.py): the adaptive draft budget could otherwise turn
 # drafting off under load and leave the draft path untested exactly where it matters.
 CLASP_ALWAYS_DRAFT = {"method": "clasp", "clasp_adaptive": False}
 

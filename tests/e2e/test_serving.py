@@ -90,7 +90,7 @@ def test_clasp_metrics_and_log_line(clasp_server):
     after = _metrics(clasp_server)
     grew = {name: after.get(name, 0.0) - before.get(name, 0.0) for name in after
             if name.startswith("vllm:clasp_")}
-    # The adaptive controller may keep this request from model drafts (it learnt from the
+    # The adaptive draft budget may keep this request from model drafts (it learnt from the
     # earlier ones that they do not pay here), so DP counters are checked as totals: the
     # server's first requests always try model drafts, and each then needs a DP run.
     assert after.get("vllm:clasp_dp_runs_total", 0) >= 1, after

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.engine
 
 PROMPTS = CHAT_PROMPTS[:4]
 MAX_TOKENS = 64
-# Every step drafts: the adaptive controller would otherwise stop drafting on the random model.
+# Every step drafts: the adaptive draft budget would otherwise stop drafting on the random model.
 CLASP = {"method": "clasp", "clasp_adaptive": False, "clasp_prompt_lookup_max": 0}
 SMALL_PROMPTS = CHAT_PROMPTS[:3]
 SMALL_MAX_TOKENS = 48

@@ -14,6 +14,8 @@ from vllm_clasp.draft_budget import (
     DraftBudget,
     StepCostFit,
     choose_lengths,
+    choose_rows,
+    expected_accepted,
 )
 
 
@@ -110,3 +112,37 @@ def test_budget_explores_and_switches_off():
     off = DraftBudget(enabled=False)
     off.observe(1, 3, 0.05)
     assert off.start_step(1) is None and off.fits == {}
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_row_choice_maximises_expected_tokens_per_second(seed):
+    rng = random.Random(seed)
+    gains = [rng.uniform(0.0, 3.0) for _ in range(rng.randint(1, 5))]
+    row_cost, expected = rng.uniform(0.001, 0.05), rng.uniform(1, 10)
+    seconds = rng.uniform(0.02, 0.2)
+    chosen = choose_rows(gains, row_cost, expected, seconds)
+
+    def rate(mask):
+        return ((expected + sum(g for g, m in zip(gains, mask) if m))
+                / (seconds + row_cost * sum(mask)))
+
+    best = max(rate(mask) for mask in itertools.product([False, True], repeat=len(gains)))
+    assert rate(chosen) == pytest.approx(best, rel=1e-12)
+
+
+def test_expected_accepted():
+    assert expected_accepted(0.5, 0) == 0
+    assert expected_accepted(0.5, 2) == pytest.approx(0.5 + 0.25)
+    assert expected_accepted(0.5, 1.5) == pytest.approx(0.5 + 0.5 * 0.25)
+    assert expected_accepted(1.0, 8) == 8
+
+
+def test_model_row_cost_adds_the_amortised_search_and_explores():
+    budget = DraftBudget(explore_every=4, loi=16)
+    assert budget.model_row_cost(8) is None  # not measured in the bucket
+    budget.observe_model(8, rows=4, seconds=0.04, tokens=6)  # 10 ms per drafted request
+    budget.observe_search(8, rows=2, seconds=0.32)  # 160 ms per searched request, 1/16 each
+    costs = [budget.model_row_cost(8) for _ in range(4)]  # calls 2..5: the 4th explores
+    assert costs[0] == pytest.approx(0.01 + 0.16 / 16) and costs[2] is None
+    assert budget.model_row_cost(16) is None  # another bucket, not measured
+    assert budget.model_draft_length == pytest.approx(2.0 + 0.1 * (1.5 - 2.0))

@@ -1,7 +1,7 @@
 """Layering: the host-free modules of vllm_clasp never import vLLM.
 
 They hold the algorithm (optimizer, options, skip sets, draft sampling, prompt lookup, the
-adaptive controller, stats), the patching mechanism and the tooling (model preparation, HF
+draft budget, stats), the patching mechanism and the tooling (model preparation, HF
 reference layers, CLI, benchmark, demo); they must stay usable, testable and cheap to import
 without vLLM. Only `spec_config`, `patches` (lazily), `proposer`, `decoder_stack` and
 `paged_rows` may touch the host; `bench` and `demo` only inside the functions that run an
@@ -32,7 +32,7 @@ HOST_FREE = [
     "model_prep.py",
     "hf_layers.py",
     "prompt_lookup.py",
-    "controller.py",
+    "draft_budget.py",
     "bench_report.py",
     "cpu_env.py",
 ]
@@ -54,7 +54,7 @@ IMPORTABLE_WITHOUT_VLLM = [
     "vllm_clasp.model_prep",
     "vllm_clasp.hf_layers",
     "vllm_clasp.prompt_lookup",
-    "vllm_clasp.controller",
+    "vllm_clasp.draft_budget",
     "vllm_clasp.cli",
     "vllm_clasp.bench",
     "vllm_clasp.demo",

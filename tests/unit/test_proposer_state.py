@@ -13,7 +13,6 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from vllm_clasp.controller import SpeculationController
 from vllm_clasp.draft_budget import AcceptanceRates, DraftBudget, choose_lengths
 from vllm_clasp.proposer import ClaspProposer
 from vllm_clasp.skip_state import SkipSetTracker
@@ -25,7 +24,6 @@ def proposer_with(live: list[str], tracked: list[str]) -> ClaspProposer:
     proposer.num_speculative_tokens = 8
     proposer.max_model_len = 2048
     proposer.tracker = SkipSetTracker(loi=16)
-    proposer.controller = SpeculationController(enabled=False)
     proposer.budget = DraftBudget(enabled=False)
     proposer.acceptance = AcceptanceRates()
     proposer.stats = ClaspStats()
@@ -84,40 +82,32 @@ def test_forget_on_a_step_that_never_drafts_empties_the_state():
     assert proposer.stats.take_delta()["tracked_requests"] == 0
 
 
-class _Decided:
-    """A controller stub: always the given decision, records observations."""
-
-    def __init__(self, decision: bool):
-        self.decision, self.observed = decision, []
-
-    def should_draft(self, batch_size: int) -> bool:
-        return self.decision
-
-    def observe(self, batch_size, drafted, tokens, seconds) -> None:
-        self.observed.append((batch_size, drafted, tokens))
-
-
 class _FixedCost(DraftBudget):
-    """A draft budget with a given step-cost model on every step; records observations."""
+    """A draft budget with given costs on every step; records observations. The default
+    model-draft cost (a second per request) is never worth paying: these tests have no model
+    to draft with."""
 
-    def __init__(self, cost):
+    def __init__(self, cost, model_row_cost=1.0):
         super().__init__()
-        self.cost, self.observed = cost, []
+        self.cost, self.row_cost, self.observed = cost, model_row_cost, []
 
     def start_step(self, batch_size: int):
         return self.cost
+
+    def model_row_cost(self, batch_size: int):
+        return self.row_cost
 
     def observe(self, batch_size, tokens_verified, seconds) -> None:
         self.observed.append((batch_size, tokens_verified))
 
 
-def speculating_proposer(model: bool, cost=None) -> ClaspProposer:
+def speculating_proposer(cost=(0.05, 0.0)) -> ClaspProposer:
     repeated = [5, 6, 7, 8, 9, 5, 6, 7]  # row 0 ends in a repeat of "5 6 7"
     fresh = [1, 2, 3, 4, 10, 11, 12, 13]  # row 1 has no repeat
     proposer = proposer_with(live=["a", "b"], tracked=[])
     proposer.tp_size = 1
     proposer.resolved = SimpleNamespace(prompt_lookup_max=3, prompt_lookup_min=3)
-    proposer.controller, proposer.budget = _Decided(model), _FixedCost(cost)
+    proposer.budget = _FixedCost(cost)
     batch = proposer.runner.input_batch
     batch.num_tokens_no_spec = np.array([8, 8])
     batch.token_ids_cpu = np.array([repeated, fresh])
@@ -132,8 +122,9 @@ def propose(proposer, new_reqs=(), sampled=([1], [1])):
 
 
 def test_prompt_lookup_drafts_and_model_off_for_the_rest():
-    proposer = speculating_proposer(model=False)
-    # Row 0 copies what followed the earlier "5 6 7"; row 1 gets nothing: the model arm is off.
+    proposer = speculating_proposer()
+    # Row 0 copies what followed the earlier "5 6 7" (verification is free: all of it); row 1
+    # gets nothing: a model draft would cost more than it is expected to gain.
     assert propose(proposer) == [[8, 9, 5, 6, 7], []]
     assert proposer.stats.num_prompt_lookup_rounds == 1 and proposer.stats.num_plain_rounds == 1
     assert proposer.stats.num_plain_steps == 0  # one request drafted
@@ -141,14 +132,13 @@ def test_prompt_lookup_drafts_and_model_off_for_the_rest():
     # got 2 of its 5 copied tokens accepted (3 sampled = 2 accepted + the correction).
     propose(proposer, sampled=([8, 9, 4], [1]))
     assert proposer.budget.observed == [(2, 7)]
-    assert proposer.controller.observed == [(2, False, 4)]
     assert proposer.acceptance.rate("a", "lookup") > proposer.acceptance.source_rate("lookup")
     propose(proposer, new_reqs=["c"])  # a prefill in the step: its time is not credited
-    assert len(proposer.budget.observed) == 1 and len(proposer.controller.observed) == 1
+    assert len(proposer.budget.observed) == 1
 
 
 def test_finished_requests_acceptance_is_forgotten():
-    proposer = speculating_proposer(model=False)
+    proposer = speculating_proposer()
     propose(proposer)
     propose(proposer, sampled=([8, 9, 4], [1]))
     assert len(proposer.acceptance) == 1
@@ -160,7 +150,7 @@ def test_measured_costs_truncate_copied_drafts():
     """With verification paying per token, only the copied tokens likely enough to be
     accepted are verified (rate 0.5 before any observation: gains 0.5, 0.25, 0.125, ...)."""
     fixed, per_token = 0.010, 0.001
-    proposer = speculating_proposer(model=False, cost=(fixed, per_token))
+    proposer = speculating_proposer(cost=(fixed, per_token))
     # Both requests verify one token each (E = 2 tokens in T = 0.012 s); a copied token of
     # gain g is worth its 0.001 s while g * T > E * 0.001: 0.5 and 0.25 are, 0.125 is not.
     assert choose_lengths([5, 0], [0.5, 0.5], fixed, per_token) == [2, 0]
@@ -168,6 +158,20 @@ def test_measured_costs_truncate_copied_drafts():
     assert drafts == [[8, 9], []]
     assert proposer.stats.num_unverified_draft_tokens == 3
     # Verification as expensive as a whole step per token: nothing is worth verifying.
-    proposer = speculating_proposer(model=False, cost=(fixed, fixed))
+    proposer = speculating_proposer(cost=(fixed, fixed))
     assert propose(proposer) == [[], []]
     assert proposer.stats.num_plain_steps == 1 and proposer.stats.num_unverified_draft_tokens == 5
+
+
+def test_model_drafts_go_to_requests_worth_their_cost():
+    proposer = speculating_proposer(cost=(0.05, 0.001))
+    proposer.runner.input_batch.req_ids = ["a", "b"]
+    for _ in range(20):  # "a" drafts well with the model, "b" badly
+        proposer.acceptance.observe("a", "model", drafted=2, accepted=2)
+        proposer.acceptance.observe("b", "model", drafted=2, accepted=0)
+    cheap = proposer.budget.row_cost = 0.005
+    assert proposer._model_rows((0.05, 0.001), [0, 1], {}, num_rows=2) == [0]
+    proposer.budget.row_cost = 10 * cheap  # drafting dearer than anything it could gain
+    assert proposer._model_rows((0.05, 0.001), [0, 1], {}, num_rows=2) == []
+    proposer.budget.row_cost = None  # not measured yet (or exploring): draft for everyone
+    assert proposer._model_rows((0.05, 0.001), [0, 1], {}, num_rows=2) == [0, 1]
