@@ -16,15 +16,14 @@ cost per_token raises that iff g * T > E * per_token. `choose_lengths` adds toke
 expected gain while that holds, so a memory-bound step (per_token ~ 0) verifies every draft,
 and a compute-bound one only the drafts likely to be accepted.
 
-Model drafts cost time before any token is verified: the layer-skipped forward passes and
-the DP, measured per drafted request and step (`DraftBudget.model_row_cost`). The same rule
-decides which requests get them (`choose_rows`): a request whose model draft is expected to
-gain g tokens for c seconds of drafting plus verification is drafted iff g * T > E * c.
+Model drafts cost time before any token is verified: the layer-skipped passes (a fixed part
+per pass and a part per request, predicted from the verification fit times a measured
+ratio) and a share of the DP. `choose_rows` picks the requests that maximise E/T with them.
 
 The fit needs steps with different token counts; drafts and the batch size provide them, and
 `DraftBudget` verifies every candidate on every `explore_every`-th step of a bucket and until
-its fit exists, so an over-estimated per-token cost is noticed; model drafts are likewise
-made on every `explore_every`-th step and until their cost has been measured in the bucket.
+its fit exists, so an over-estimated per-token cost is noticed; on those steps one request
+(the most promising) drafts with the model, so the draft cost stays measured.
 """
 
 from __future__ import annotations
@@ -155,76 +154,79 @@ def choose_lengths(
 
 def choose_rows(
     gains: Sequence[float],  # per candidate request: expected accepted tokens of its draft
-    row_cost: float,  # seconds per request: drafting it and verifying its draft
+    pass_cost: float,  # seconds the draft passes cost once any request drafts
+    row_cost: float,  # seconds per drafting request: its share of the passes, DP, verifying
     expected: float,  # tokens the step is already expected to produce
     seconds: float,  # what the step already costs
 ) -> list[bool]:
-    """Which requests to draft for: in order of gain, while g * T > E * row_cost."""
+    """Which requests to draft for, maximising expected tokens per second. For a given number
+    k of requests the best are the k of highest gain, so every k is tried (0 included)."""
+    order = sorted(range(len(gains)), key=lambda r: -gains[r])
+    best_k, best_rate, gain = 0, expected / seconds, 0.0
+    for k, row in enumerate(order, start=1):
+        gain += gains[row]
+        rate = (expected + gain) / (seconds + pass_cost + row_cost * k)
+        if rate > best_rate:
+            best_k, best_rate = k, rate
     chosen = [False] * len(gains)
-    for row in sorted(range(len(gains)), key=lambda r: -gains[r]):
-        if gains[row] * seconds <= expected * row_cost:
-            break
+    for row in order[:best_k]:
         chosen[row] = True
-        expected += gains[row]
-        seconds += row_cost
     return chosen
 
 
 class DraftBudget:
     """`choose_lengths` and `choose_rows` with per-bucket fits, exploration, and an off
-    switch."""
+    switch.
 
-    def __init__(self, explore_every: int = 32, enabled: bool = True, loi: int = 16):
+    A model draft pass over r requests costs about `ratio` x a verification step of r tokens
+    (the kept layers, the draft head): one pass per draft token, so a draft of mean length l
+    costs l x ratio x (fixed + per_token * r). `ratio` is measured on every model draft
+    against the bucket's verification fit; the DP adds its measured seconds per request
+    divided by LOI (a request is searched once per LOI drafting steps)."""
+
+    def __init__(self, explore_every: int = 32, enabled: bool = True, loi: int = 16,
+                 draft_ratio: float = 0.8):
         self.explore_every = explore_every
         self.enabled = enabled
         self.loi = loi
         self.fits: dict[int, StepCostFit] = {}
         self._steps: dict[int, int] = {}
-        self._model_steps: dict[int, int] = {}
-        self._model_row_cost: dict[int, float] = {}  # bucket -> EW seconds per drafted row
-        self._search_row_cost: dict[int, float] = {}  # bucket -> EW DP seconds per request
+        self.draft_ratio = draft_ratio
+        """EW of measured model-draft seconds over the verification fit's prediction."""
+        self.search_row_seconds = 0.0
+        """EW of DP seconds per searched request."""
         self.model_draft_length = 2.0
         """EW mean length of the model's drafts (they stop at the draft-exit threshold)."""
-
-    def observe_model(self, batch_size: int, rows: int, seconds: float, tokens: int) -> None:
-        """A step drafted `tokens` for `rows` requests with the model in `seconds`."""
-        if not self.enabled or rows <= 0:
-            return
-        self._ew(self._model_row_cost, batch_bucket(batch_size), seconds / rows)
-        self.model_draft_length += 0.1 * (tokens / rows - self.model_draft_length)
-
-    def observe_search(self, batch_size: int, rows: int, seconds: float) -> None:
-        """A step ran the DP for `rows` requests in `seconds` (once per `loi` drafting steps
-        of a request, so a model draft carries 1/loi of it)."""
-        if self.enabled and rows > 0:
-            self._ew(self._search_row_cost, batch_bucket(batch_size), seconds / rows)
-
-    @staticmethod
-    def _ew(averages: dict[int, float], bucket: int, value: float) -> None:
-        last = averages.get(bucket)
-        averages[bucket] = value if last is None else last + 0.2 * (value - last)
-
-    def model_row_cost(self, batch_size: int) -> float | None:
-        """Seconds a model draft costs per request in this bucket; None: draft for every
-        candidate request (not measured in the bucket yet, or an exploration step)."""
-        if not self.enabled:
-            return None
-        bucket = batch_bucket(batch_size)
-        self._model_steps[bucket] = steps = self._model_steps.get(bucket, 0) + 1
-        if steps % self.explore_every == 0:
-            return None
-        draft = self._model_row_cost.get(bucket)
-        if draft is None:
-            return None
-        return draft + self._search_row_cost.get(bucket, 0.0) / self.loi
 
     def observe(self, batch_size: int, tokens_verified: int, seconds: float) -> None:
         if self.enabled and seconds > 0:
             self.fits.setdefault(batch_bucket(batch_size), StepCostFit()).observe(
                 tokens_verified, seconds)
 
+    def observe_model(self, batch_size: int, lengths: Sequence[int], seconds: float) -> None:
+        """A step of `batch_size` requests drafted with the model (`lengths` per drafting
+        request) in `seconds`."""
+        if not self.enabled or not lengths or max(lengths) == 0:
+            return
+        self.model_draft_length += 0.1 * (sum(lengths) / len(lengths) - self.model_draft_length)
+        fit = self.fits.get(batch_bucket(batch_size))
+        cost = None if fit is None else fit.estimate()
+        if cost is not None:
+            fixed, per_token = cost
+            predicted = max(lengths) * fixed + per_token * sum(lengths)
+            if predicted > 0:
+                self.draft_ratio += 0.2 * (seconds / predicted - self.draft_ratio)
+
+    def observe_search(self, rows: int, seconds: float) -> None:
+        if self.enabled and rows > 0:
+            per_row = seconds / rows
+            self.search_row_seconds = (per_row if self.search_row_seconds == 0 else
+                                       self.search_row_seconds
+                                       + 0.2 * (per_row - self.search_row_seconds))
+
     def start_step(self, batch_size: int) -> tuple[float, float] | None:
-        """The cost fit to decide this step's lengths with; None: verify every candidate."""
+        """The cost fit to decide this step with; None: verify every candidate, and draft with
+        the model for one request only (an exploration step, or no fit yet)."""
         if not self.enabled:
             return None
         bucket = batch_bucket(batch_size)
@@ -238,10 +240,29 @@ class DraftBudget:
                 rates: Sequence[float]) -> list[int]:
         return list(candidates) if cost is None else choose_lengths(candidates, rates, *cost)
 
+    def model_rows(self, cost: tuple[float, float] | None, gains: Sequence[float],
+                   expected: float, seconds: float) -> list[bool]:
+        """Which candidate requests get model drafts (`gains`: their expected accepted
+        tokens; `expected`, `seconds`: the step so far)."""
+        if not self.enabled:
+            return [True] * len(gains)
+        if cost is None:  # explore cheaply: the most promising request only
+            best = max(range(len(gains)), key=lambda r: gains[r])
+            return [r == best for r in range(len(gains))]
+        fixed, per_token = cost
+        length = self.model_draft_length
+        return choose_rows(
+            gains,
+            pass_cost=length * self.draft_ratio * fixed,
+            row_cost=(length * (self.draft_ratio + 1) * per_token
+                      + self.search_row_seconds / self.loi),
+            expected=expected, seconds=seconds,
+        )
+
     def summary(self) -> dict:
         return {
             "verify_cost": {b: fit.estimate() for b, fit in sorted(self.fits.items())},
-            "model_row_cost": dict(sorted(self._model_row_cost.items())),
-            "search_row_cost": dict(sorted(self._search_row_cost.items())),
+            "draft_ratio": self.draft_ratio,
+            "search_row_seconds": self.search_row_seconds,
             "model_draft_length": self.model_draft_length,
         }

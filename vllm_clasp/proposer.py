@@ -27,12 +27,7 @@ import numpy as np
 import torch
 
 from vllm_clasp.decoder_stack import DecoderStack
-from vllm_clasp.draft_budget import (
-    AcceptanceRates,
-    DraftBudget,
-    choose_rows,
-    expected_accepted,
-)
+from vllm_clasp.draft_budget import AcceptanceRates, DraftBudget, expected_accepted
 from vllm_clasp.draft_sampling import sample_draft_tokens
 from vllm_clasp.optimizer import search_skip_sets
 from vllm_clasp.paged_rows import PagedRows
@@ -175,7 +170,7 @@ class ClaspProposer:
                 changed = [self.tracker.update(req_ids[i], mask) for i, mask in zip(due, masks)]
                 seconds = time.perf_counter() - started
                 self.stats.record_search(masks, changed, seconds)
-                self.budget.observe_search(num_rows, len(due), seconds)
+                self.budget.observe_search(len(due), seconds)
                 model_seconds += seconds
 
             started = time.perf_counter()
@@ -187,7 +182,7 @@ class ClaspProposer:
             )
             seconds = time.perf_counter() - started
             self.stats.record_drafts(skip, lengths, seconds)
-            self.budget.observe_model(num_rows, len(rows), seconds, sum(lengths))
+            self.budget.observe_model(num_rows, lengths, seconds)
             model_seconds += seconds
             # The drafting time is spent; verifying the tokens is still to decide, jointly
             # with the copied drafts, which share the verification step.
@@ -244,19 +239,18 @@ class ClaspProposer:
                     num_rows: int) -> list[int]:
         """The rows (of `rows`, those without a copied draft) worth a model draft, rank 0's
         choice on every rank."""
-        row_cost = self.budget.model_row_cost(num_rows)
-        chosen = [True] * len(rows)
-        if cost is not None and row_cost is not None:
+        req_ids = self.runner.input_batch.req_ids
+        length = self.budget.model_draft_length
+        gains = [expected_accepted(self.acceptance.rate(req_ids[i], MODEL), length)
+                 for i in rows]
+        expected = seconds = 1.0
+        if cost is not None:
             fixed, per_token = cost
-            req_ids = self.runner.input_batch.req_ids
-            length = self.budget.model_draft_length
             expected = num_rows + sum(
                 expected_accepted(self.acceptance.rate(req_ids[i], LOOKUP), len(draft))
                 for i, draft in copied.items())
             seconds = fixed + per_token * (num_rows + sum(len(d) for d in copied.values()))
-            gains = [expected_accepted(self.acceptance.rate(req_ids[i], MODEL), length)
-                     for i in rows]
-            chosen = choose_rows(gains, row_cost + per_token * length, expected, seconds)
+        chosen = self.budget.model_rows(cost, gains, expected, seconds)
         chosen = self._broadcast(torch.tensor(chosen)).tolist()
         return [i for i, keep in zip(rows, chosen) if keep]
 

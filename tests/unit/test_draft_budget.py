@@ -114,20 +114,28 @@ def test_budget_explores_and_switches_off():
     assert off.start_step(1) is None and off.fits == {}
 
 
-@pytest.mark.parametrize("seed", range(30))
+@pytest.mark.parametrize("seed", range(40))
 def test_row_choice_maximises_expected_tokens_per_second(seed):
+    """Against every subset of requests (the best subset of each size is the top gains)."""
     rng = random.Random(seed)
     gains = [rng.uniform(0.0, 3.0) for _ in range(rng.randint(1, 5))]
-    row_cost, expected = rng.uniform(0.001, 0.05), rng.uniform(1, 10)
-    seconds = rng.uniform(0.02, 0.2)
-    chosen = choose_rows(gains, row_cost, expected, seconds)
+    pass_cost, row_cost = rng.choice([0.0, rng.uniform(0.0, 0.1)]), rng.uniform(0.001, 0.05)
+    expected, seconds = rng.uniform(1, 10), rng.uniform(0.02, 0.2)
+    chosen = choose_rows(gains, pass_cost, row_cost, expected, seconds)
 
     def rate(mask):
+        k = sum(mask)
         return ((expected + sum(g for g, m in zip(gains, mask) if m))
-                / (seconds + row_cost * sum(mask)))
+                / (seconds + (pass_cost if k else 0.0) + row_cost * k))
 
     best = max(rate(mask) for mask in itertools.product([False, True], repeat=len(gains)))
     assert rate(chosen) == pytest.approx(best, rel=1e-12)
+
+
+def test_a_fixed_pass_cost_needs_enough_gain_in_total():
+    # One request alone does not pay for the pass; three together do.
+    assert choose_rows([0.5], 0.05, 0.001, expected=1, seconds=0.05) == [False]
+    assert choose_rows([1.5, 1.5, 1.5], 0.05, 0.001, expected=3, seconds=0.05) == [True] * 3
 
 
 def test_expected_accepted():
@@ -137,12 +145,24 @@ def test_expected_accepted():
     assert expected_accepted(1.0, 8) == 8
 
 
-def test_model_row_cost_adds_the_amortised_search_and_explores():
-    budget = DraftBudget(explore_every=4, loi=16)
-    assert budget.model_row_cost(8) is None  # not measured in the bucket
-    budget.observe_model(8, rows=4, seconds=0.04, tokens=6)  # 10 ms per drafted request
-    budget.observe_search(8, rows=2, seconds=0.32)  # 160 ms per searched request, 1/16 each
-    costs = [budget.model_row_cost(8) for _ in range(4)]  # calls 2..5: the 4th explores
-    assert costs[0] == pytest.approx(0.01 + 0.16 / 16) and costs[2] is None
-    assert budget.model_row_cost(16) is None  # another bucket, not measured
-    assert budget.model_draft_length == pytest.approx(2.0 + 0.1 * (1.5 - 2.0))
+def test_model_rows_from_the_measured_draft_ratio():
+    budget = DraftBudget(explore_every=1000, loi=16)
+    for i in range(40):  # verification: 50 ms + 10 ms per token
+        budget.observe(8, 8 + i % 9, 0.05 + 0.01 * (8 + i % 9))
+    cost = budget.start_step(8)
+    assert cost == pytest.approx((0.05, 0.01), rel=1e-6)
+    # Drafts of 2 tokens for 4 requests took 2 x (50 ms + 4 x 10 ms) x 0.5: ratio 0.5.
+    for _ in range(60):
+        budget.observe_model(8, [2, 2, 2, 2], 0.5 * (2 * 0.05 + 0.01 * 8))
+    assert budget.draft_ratio == pytest.approx(0.5, rel=1e-3)
+    assert budget.model_draft_length == pytest.approx(2.0)
+    budget.observe_search(rows=2, seconds=0.32)
+    assert budget.search_row_seconds == pytest.approx(0.16)
+    # The decision is choose_rows with those costs.
+    gains, expected, seconds = [1.8, 0.2], 8.0, 0.13
+    assert budget.model_rows(cost, gains, expected, seconds) == choose_rows(
+        gains, pass_cost=2 * 0.5 * 0.05, row_cost=2 * 1.5 * 0.01 + 0.16 / 16,
+        expected=expected, seconds=seconds)
+    # No fit (or exploring): the most promising request alone; adaptivity off: everyone.
+    assert budget.model_rows(None, [0.2, 0.9, 0.5], 1.0, 1.0) == [False, True, False]
+    assert DraftBudget(enabled=False).model_rows(None, [0.2, 0.9], 1, 1) == [True, True]

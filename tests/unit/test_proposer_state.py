@@ -83,19 +83,16 @@ def test_forget_on_a_step_that_never_drafts_empties_the_state():
 
 
 class _FixedCost(DraftBudget):
-    """A draft budget with given costs on every step; records observations. The default
-    model-draft cost (a second per request) is never worth paying: these tests have no model
-    to draft with."""
+    """A draft budget with a given verification cost on every step; records observations.
+    Model drafts cost 100 x a verification step per pass (draft_ratio): never worth it, as
+    these tests have no model to draft with."""
 
-    def __init__(self, cost, model_row_cost=1.0):
-        super().__init__()
-        self.cost, self.row_cost, self.observed = cost, model_row_cost, []
+    def __init__(self, cost):
+        super().__init__(draft_ratio=100.0)
+        self.cost, self.observed = cost, []
 
     def start_step(self, batch_size: int):
         return self.cost
-
-    def model_row_cost(self, batch_size: int):
-        return self.row_cost
 
     def observe(self, batch_size, tokens_verified, seconds) -> None:
         self.observed.append((batch_size, tokens_verified))
@@ -169,9 +166,9 @@ def test_model_drafts_go_to_requests_worth_their_cost():
     for _ in range(20):  # "a" drafts well with the model, "b" badly
         proposer.acceptance.observe("a", "model", drafted=2, accepted=2)
         proposer.acceptance.observe("b", "model", drafted=2, accepted=0)
-    cheap = proposer.budget.row_cost = 0.005
+    proposer.budget.draft_ratio = 0.1  # a cheap draft: worth it for "a" alone
     assert proposer._model_rows((0.05, 0.001), [0, 1], {}, num_rows=2) == [0]
-    proposer.budget.row_cost = 10 * cheap  # drafting dearer than anything it could gain
+    proposer.budget.draft_ratio = 5.0  # drafting dearer than anything it could gain
     assert proposer._model_rows((0.05, 0.001), [0, 1], {}, num_rows=2) == []
-    proposer.budget.row_cost = None  # not measured yet (or exploring): draft for everyone
-    assert proposer._model_rows((0.05, 0.001), [0, 1], {}, num_rows=2) == [0, 1]
+    # No fit yet, or exploring: one request (the most promising) drafts, to measure.
+    assert proposer._model_rows(None, [0, 1], {}, num_rows=2) == [0]
