@@ -86,7 +86,8 @@ class AcceptanceRates:
 
     def __init__(self, prior: float = 0.5, prior_weight: float = PRIOR_WEIGHT):
         self.prior, self.prior_weight = prior, prior_weight
-        self._requests: dict[tuple[Hashable, str], list[float]] = {}  # [accepted, tried]
+        # [accepted, tried] per source, per request and overall
+        self._requests: dict[Hashable, dict[str, list[float]]] = {}
         self._sources: dict[str, list[float]] = {}
 
     def observe(self, req_id: Hashable, source: str, drafted: int, accepted: int) -> None:
@@ -94,7 +95,7 @@ class AcceptanceRates:
         if drafted <= 0:
             return
         tried = accepted + 1 if accepted < drafted else drafted  # positions that were judged
-        for counts in (self._requests.setdefault((req_id, source), [0.0, 0.0]),
+        for counts in (self._requests.setdefault(req_id, {}).setdefault(source, [0.0, 0.0]),
                        self._sources.setdefault(source, [0.0, 0.0])):
             counts[0] += accepted
             counts[1] += tried
@@ -108,21 +109,20 @@ class AcceptanceRates:
         return (accepted + self.prior * self.prior_weight) / (tried + self.prior_weight)
 
     def rate(self, req_id: Hashable, source: str) -> float:
-        accepted, tried = self._requests.get((req_id, source), (0.0, 0.0))
+        accepted, tried = self._requests.get(req_id, {}).get(source, (0.0, 0.0))
         w = self.prior_weight
         return (accepted + self.source_rate(source) * w) / (tried + w)
 
     def drop(self, req_ids: Iterable[Hashable] | None) -> None:
-        if req_ids:
-            gone = set(req_ids)
-            self._requests = {k: v for k, v in self._requests.items() if k[0] not in gone}
+        for req_id in req_ids or ():
+            self._requests.pop(req_id, None)
 
     def retain(self, req_ids: Iterable[Hashable]) -> None:
         live = set(req_ids)
-        self._requests = {k: v for k, v in self._requests.items() if k[0] in live}
+        self._requests = {k: v for k, v in self._requests.items() if k in live}
 
     def __len__(self) -> int:
-        return len({req_id for req_id, _ in self._requests})
+        return len(self._requests)
 
 
 def choose_lengths(
@@ -132,9 +132,9 @@ def choose_lengths(
     per_token: float,
 ) -> list[int]:
     """Per request, how many of its candidate tokens to verify (a prefix of each draft)."""
-    lengths = [0] * len(candidates)
     if per_token <= 0:
         return list(candidates)
+    lengths = [0] * len(candidates)
     expected = float(len(candidates))  # each request's verified token (or bonus) is certain
     seconds = fixed + per_token * len(candidates)
     gains = sorted(
@@ -258,11 +258,3 @@ class DraftBudget:
                       + self.search_row_seconds / self.loi),
             expected=expected, seconds=seconds,
         )
-
-    def summary(self) -> dict:
-        return {
-            "verify_cost": {b: fit.estimate() for b, fit in sorted(self.fits.items())},
-            "draft_ratio": self.draft_ratio,
-            "search_row_seconds": self.search_row_seconds,
-            "model_draft_length": self.model_draft_length,
-        }
