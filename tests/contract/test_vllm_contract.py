@@ -102,6 +102,8 @@ EXPECTED_PARAMETERS = {
     ],
     ("vllm.v1.sample.rejection_sampler", "expand_batch_to_tokens"):
         ["x", "cu_num_tokens", "num_tokens", "replace_from", "replace_to"],
+    ("vllm.v1.sample.rejection_sampler", "apply_sampling_constraints"):
+        ["logits", "cu_num_draft_tokens", "sampling_metadata"],
     (f"{RUNNER_MODULE}:GPUModelRunner", "sample_tokens"): ["self", "grammar_output"],
     (f"{RUNNER_MODULE}:GPUModelRunner", "execute_model"):
         ["self", "scheduler_output", "intermediate_tensors"],
@@ -668,6 +670,34 @@ def test_expand_fix_matches_vllm_contract():
     assert out.tolist() == [0.5, 0.5, 1.0, 1.0, 1.0, 2.0]
     top_k = torch.tensor([5, 0, 7], dtype=torch.int32)
     assert expand(top_k, cu, 6).tolist() == [5, 5, 0, 0, 0, 7]
+
+
+def test_cpu_top_k_on_no_rows_still_needs_patch_11():
+    """Patch 11 skips sampling constraints for a step without draft tokens because vLLM's
+    CPU top-k fails on an empty k tensor. When vLLM handles it, this fails: drop
+    EMPTY_CONSTRAINTS_PATCH from patches.py."""
+    import pytest
+    import torch
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch
+
+    logits = torch.empty(0, 16)  # [num_draft_tokens=0, vocab]
+    with pytest.raises(RuntimeError):
+        apply_top_k_top_p_pytorch(logits, torch.empty(0, dtype=torch.long), None,
+                                  allow_cpu_sync=True)
+
+
+def test_empty_constraints_fix_is_a_no_op_on_no_rows_and_delegates_otherwise():
+    import torch
+
+    from vllm_clasp.patches import _apply_sampling_constraints
+
+    calls = []
+    fixed = _apply_sampling_constraints(lambda *args: calls.append(args) or "vllm's")
+    empty = torch.empty(0, 16)
+    assert fixed(empty, torch.zeros(3, dtype=torch.int32), object()) is empty
+    assert calls == []
+    assert fixed(torch.zeros(2, 16), torch.tensor([1, 2]), "meta") == "vllm's"
+    assert len(calls) == 1
 
 
 # --------------------------------------------------------------------------- metrics path (7-10)
