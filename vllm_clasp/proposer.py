@@ -52,6 +52,8 @@ class _Step:
 
 
 class ClaspProposer:
+    _seeded: frozenset[int] | set[int] = frozenset()  # this step's input-batch rows with a seed
+
     def __init__(self, vllm_config):
         spec = vllm_config.speculative_config
         self.vllm_config = vllm_config
@@ -137,6 +139,11 @@ class ClaspProposer:
         started_step = time.perf_counter()
         step_rows, num_rows = rows, len(rows)
         cost = self._step_cost(num_rows)
+        # A seeded request's sampled tokens depend on what was drafted for it (the rejection
+        # sampler draws from its generator per draft token), so its drafting must not follow
+        # measured timings: seeded rows take the fixed policy (lookup drafts where the context
+        # repeats, model drafts otherwise, every draft token verified) whatever the budget says.
+        self._seeded = set(batch.sampling_metadata.generators or ())  # input-batch rows
 
         # Prompt-lookup drafts cost nothing to make: candidates wherever the context repeats,
         # verified as far as their measured acceptance pays for the verification.
@@ -224,8 +231,10 @@ class ClaspProposer:
                   sources: dict[int, str]) -> dict[int, np.ndarray]:
         """The prefix of each row's draft worth verifying; rows left with none are dropped."""
         order = [i for i, draft in candidates.items() if len(draft)]
+        fixed = {i: candidates[i] for i in order if i in self._seeded}
+        order = [i for i in order if i not in self._seeded]
         if cost is None or not order:
-            return {i: candidates[i] for i in order}
+            return {i: candidates[i] for i in candidates if i in fixed or i in order}
         req_ids = self.runner.input_batch.req_ids
         lengths = self.budget.lengths(
             cost, [len(candidates[i]) for i in order],
@@ -233,12 +242,18 @@ class ClaspProposer:
         )
         lengths = self._broadcast(torch.tensor(lengths, dtype=torch.long)).tolist()
         self.stats.record_unverified(sum(len(candidates[i]) for i in order) - sum(lengths))
-        return {i: candidates[i][:k] for i, k in zip(order, lengths) if k > 0}
+        kept = {i: candidates[i][:k] for i, k in zip(order, lengths) if k > 0}
+        return {i: fixed[i] if i in fixed else kept[i] for i in candidates
+                if i in fixed or i in kept}  # in the candidates' order
 
     def _model_rows(self, cost, rows: list[int], copied: dict[int, np.ndarray],
                     num_rows: int) -> list[int]:
         """The rows (of `rows`, those without a copied draft) worth a model draft, rank 0's
-        choice on every rank."""
+        choice on every rank; seeded rows always (see `propose_for_runner`)."""
+        seeded = [i for i in rows if i in self._seeded]
+        rows = [i for i in rows if i not in self._seeded]
+        if not rows or not self.budget.enabled:
+            return sorted(seeded + rows)
         req_ids = self.runner.input_batch.req_ids
         length = self.budget.model_draft_length
         gains = [expected_accepted(self.acceptance.rate(req_ids[i], MODEL), length)
@@ -252,7 +267,7 @@ class ClaspProposer:
             seconds = fixed + per_token * (num_rows + sum(len(d) for d in copied.values()))
         chosen = self.budget.model_rows(cost, gains, expected, seconds)
         chosen = self._broadcast(torch.tensor(chosen)).tolist()
-        return [i for i, keep in zip(rows, chosen) if keep]
+        return sorted(seeded + [i for i, keep in zip(rows, chosen) if keep])
 
     def _observe_last_step(self, scheduler_output, sampled_token_ids, req_ids, rows) -> None:
         """Credit what this verification produced to the previous step's decisions."""

@@ -108,7 +108,7 @@ def speculating_proposer(cost=(0.05, 0.0)) -> ClaspProposer:
     batch = proposer.runner.input_batch
     batch.num_tokens_no_spec = np.array([8, 8])
     batch.token_ids_cpu = np.array([repeated, fresh])
-    batch.sampling_metadata = SimpleNamespace(all_greedy=True)
+    batch.sampling_metadata = SimpleNamespace(all_greedy=True, generators={})
     return proposer
 
 
@@ -172,3 +172,24 @@ def test_model_drafts_go_to_requests_worth_their_cost():
     assert proposer._model_rows((0.05, 0.001), [0, 1], {}, num_rows=2) == []
     # No fit yet, or exploring: one request (the most promising) drafts, to measure.
     assert proposer._model_rows(None, [0, 1], {}, num_rows=2) == [0]
+
+
+def test_seeded_requests_draft_by_the_fixed_policy_whatever_the_costs():
+    """A seeded request's output depends on what is drafted for it, so measured costs must
+    not shape its drafts: its copied draft is verified in full and, without one, it always
+    gets a model draft, while unseeded requests follow the budget."""
+    fixed = 0.010
+    proposer = speculating_proposer(cost=(fixed, fixed))  # verifying costs a step per token
+    batch = proposer.runner.input_batch
+    batch.sampling_metadata = SimpleNamespace(all_greedy=True, generators={0: object()})
+    assert proposer._truncate((fixed, fixed), {0: np.array([8, 9]), 1: np.array([3, 4])},
+                              {0: "lookup", 1: "lookup"}) == {}  # nothing seeded yet
+    drafts = propose(proposer)  # sets this step's seeded rows from the sampling metadata
+    assert drafts[0] == [8, 9, 5, 6, 7]
+    kept = proposer._truncate((fixed, fixed), {0: np.array([8, 9]), 1: np.array([3, 4])},
+                              {0: "lookup", 1: "lookup"})
+    assert list(kept) == [0] and kept[0].tolist() == [8, 9]
+    proposer._seeded = {1}
+    proposer.budget.draft_ratio = 5.0  # model drafts never pay for unseeded requests
+    assert proposer._model_rows((0.05, 0.001), [0, 1], {}, num_rows=2) == [1]
+    assert proposer._model_rows(None, [0, 1], {}, num_rows=2) == [0, 1]
