@@ -1,4 +1,5 @@
-"""At temperature 1, CLaSp's tokens follow plain decoding's distribution.
+"""Sampling with CLaSp's drafts keeps plain decoding's distribution (at temperature 1, and with
+top-k, top-p and a repetition penalty, which the rejection sampler applies per draft token).
 
 Many seeded samples of a high-entropy prompt from plain decoding and from CLaSp (disjoint
 seeds), then a chi-square test of homogeneity per position (tokens seen fewer than MIN_COUNT
@@ -24,10 +25,17 @@ ALPHA = 1e-3
 MIN_COUNT = 10
 
 
-def sample_tokens(llm, seeds: range) -> list[list[int]]:
+SETTINGS = {
+    "temperature_1": {"temperature": 1.0},
+    "top_k_top_p_penalty": {"temperature": 0.8, "top_k": 40, "top_p": 0.9,
+                            "repetition_penalty": 1.2},
+}
+
+
+def sample_tokens(llm, seeds: range, setting: dict) -> list[list[int]]:
     from vllm import SamplingParams
 
-    params = [SamplingParams(temperature=1.0, max_tokens=NUM_POSITIONS, seed=s, ignore_eos=True)
+    params = [SamplingParams(max_tokens=NUM_POSITIONS, seed=s, ignore_eos=True, **setting)
               for s in seeds]
     results = llm.generate([PROMPT] * len(params), params, use_tqdm=False)
     return [list(r.outputs[0].token_ids) for r in results]
@@ -47,14 +55,15 @@ def homogeneity_p_value(a: Counter, b: Counter) -> tuple[float, int]:
     return float(chi2_contingency(rows)[1]), len(rows[0])
 
 
-def test_temperature_one_matches_plain_distribution(engines):
-    plain = sample_tokens(engines.get(dtype="float32"), range(NUM_SAMPLES))
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_sampling_matches_plain_distribution(engines, setting):
+    plain = sample_tokens(engines.get(dtype="float32"), range(NUM_SAMPLES), SETTINGS[setting])
     # Every step drafts (no adaptive off-switch), so every position goes through the
     # rejection sampler with CLaSp's draft probabilities.
     clasp_llm = engines.get(dtype="float32",
                             speculative_config={"method": "clasp", "clasp_adaptive": False,
                                                 "clasp_prompt_lookup_max": 0})
-    clasp = sample_tokens(clasp_llm, range(NUM_SAMPLES, 2 * NUM_SAMPLES))
+    clasp = sample_tokens(clasp_llm, range(NUM_SAMPLES, 2 * NUM_SAMPLES), SETTINGS[setting])
     for position in range(NUM_POSITIONS):
         a = Counter(tokens[position] for tokens in plain)
         b = Counter(tokens[position] for tokens in clasp)

@@ -187,3 +187,24 @@ def test_bad_clasp_config_fails_fast(model_dir):
               if "clasp_loi" in line and "non-default args" not in line]
     assert any("error" in line.lower() or "must" in line for line in errors), output
     assert elapsed < 120, elapsed
+
+
+def test_sampling_parameters_through_the_openai_client(clasp_server):
+    """top_k / top_p (which `vllm serve` also takes from a model's generation_config.json)
+    and a seed, through the OpenAI client: served, reproducible by seed; min_p is refused for
+    the request alone (HTTP 400) and the server keeps serving."""
+    import openai
+
+    client = clasp_server.client()
+
+    def sampled(**kwargs):
+        resp = client.chat.completions.create(
+            model=clasp_server.model, messages=_messages(CHAT_PROMPTS[1]), temperature=0.8,
+            top_p=0.9, max_tokens=32, seed=42, extra_body={"top_k": 20, **kwargs})
+        return resp.choices[0].message.content
+
+    first = sampled()
+    assert first and sampled() == first
+    with pytest.raises(openai.BadRequestError, match="min_p"):
+        sampled(min_p=0.1)
+    assert _chat(clasp_server, CHAT_PROMPTS[0]).strip()
