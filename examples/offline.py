@@ -25,7 +25,7 @@ def counter(metrics, name: str) -> float:
 def main() -> None:
     from vllm import LLM, SamplingParams
 
-    from vllm_clasp.model_prep import prepare_model
+    from vllm_clasp.tools.model_prep import prepare_model
 
     llm = LLM(
         model=str(prepare_model()), speculative_config={"method": "clasp"}, dtype="float32",

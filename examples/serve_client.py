@@ -1,7 +1,7 @@
 """Chat with a CLaSp-enabled vLLM server through the OpenAI client (plain and streaming).
 
 Start the server first (the default model dir is printed by
-`python -c "from vllm_clasp.model_prep import prepare_model; print(prepare_model())"`):
+`python -c "from vllm_clasp.tools.model_prep import prepare_model; print(prepare_model())"`):
 
     VLLM_CPU_KVCACHE_SPACE=1 vllm serve <model_dir> \
         --speculative-config '{"method": "clasp"}' \

@@ -61,7 +61,7 @@ def register() -> None:
         if _registered:
             return
         check_vllm_version(installed_vllm_version())
-        from vllm_clasp.patches import apply_all
+        from vllm_clasp.vllm.patches import apply_all
 
         apply_all()
         _registered = True

@@ -20,19 +20,21 @@ from pathlib import Path
 import pytest
 
 import vllm_clasp
-from vllm_clasp import patches as clasp_patches
-from vllm_clasp.patches import ALL_PATCHES, RUNNER_MODULE, STATS_FIELD_PATCH
-from vllm_clasp.patching import Patch
+from vllm_clasp.vllm import patches as clasp_patches
+from vllm_clasp.vllm.patches import PATCHES, RUNNER_MODULE, patch
+
+STATS_FIELD_PATCH = patch(9)
+from vllm_clasp.vllm.patching import Patch
 from vllm_clasp.plugin import PINNED_VLLM_VERSION, installed_vllm_version
 
 PACKAGE_DIR = Path(vllm_clasp.__file__).resolve().parent
 VLLM_DIR = Path(importlib.util.find_spec("vllm").origin).parent
 
-PATCHES_PY = "vllm_clasp/patches.py"
-SPEC_CONFIG_PY = "vllm_clasp/spec_config.py"
-PROPOSER_PY = "vllm_clasp/proposer.py"
-DECODER_STACK_PY = "vllm_clasp/decoder_stack.py"
-PAGED_ROWS_PY = "vllm_clasp/paged_rows.py"
+PATCHES_PY = "vllm_clasp/vllm/patches.py"
+SPEC_CONFIG_PY = "vllm_clasp/vllm/config.py"
+PROPOSER_PY = "vllm_clasp/vllm/proposer.py"
+DECODER_STACK_PY = "vllm_clasp/vllm/decoder_stack.py"
+PAGED_ROWS_PY = "vllm_clasp/vllm/paged_rows.py"
 PLUGIN_PY = "vllm_clasp/plugin.py"
 
 
@@ -87,39 +89,11 @@ def test_installed_vllm_is_the_pinned_version():
 
 # --------------------------------------------------------------------------- patched symbols
 
-# What each wrapper in patches.py assumes about the host function it wraps (vLLM 0.32.0),
-# keyed by (owner_path, attribute). A new Patch needs an entry here.
-EXPECTED_PARAMETERS = {
-    ("vllm.engine.arg_utils:EngineArgs", "create_speculative_config"):
-        ["self", "target_model_config", "target_parallel_config"],
-    ("vllm.config.vllm:VllmConfig", "num_lookahead_tokens"): ["self"],
-    ("vllm.config.vllm:VllmConfig", "_get_v2_model_runner_unsupported_features"): ["self"],
-    (f"{RUNNER_MODULE}:GPUModelRunner", "__init__"): ["self", "vllm_config", "device"],
-    (f"{RUNNER_MODULE}:GPUModelRunner", "propose_draft_token_ids"): [
-        "self", "scheduler_output", "sampled_token_ids", "sampling_metadata", "hidden_states",
-        "sample_hidden_states", "aux_hidden_states", "spec_decode_metadata",
-        "common_attn_metadata", "slot_mappings",
-    ],
-    ("vllm.v1.sample.rejection_sampler", "expand_batch_to_tokens"):
-        ["x", "cu_num_tokens", "num_tokens", "replace_from", "replace_to"],
-    ("vllm.v1.sample.rejection_sampler", "apply_sampling_constraints"):
-        ["logits", "cu_num_draft_tokens", "sampling_metadata"],
-    (f"{RUNNER_MODULE}:GPUModelRunner", "sample_tokens"): ["self", "grammar_output"],
-    (f"{RUNNER_MODULE}:GPUModelRunner", "execute_model"):
-        ["self", "scheduler_output", "intermediate_tensors"],
-    ("vllm.v1.core.sched.scheduler:Scheduler", "update_from_output"):
-        ["self", "scheduler_output", "model_runner_output"],
-    ("vllm.v1.engine.async_llm:AsyncLLM", "__init__"): [
-        "self", "vllm_config", "executor_class", "log_stats", "usage_context", "mm_registry",
-        "log_requests", "start_engine_loop", "stat_loggers", "aggregate_engine_logging",
-        "client_addresses", "client_count", "client_index", "profiler",
-    ],
-    ("vllm.v1.engine.llm_engine:LLMEngine", "__init__"): [
-        "self", "vllm_config", "executor_class", "log_stats", "aggregate_engine_logging",
-        "usage_context", "stat_loggers", "mm_registry", "multiprocess_mode",
-    ],
-}
-FUNCTION_PATCHES = [p for p in ALL_PATCHES if isinstance(p, Patch)]
+# What each wrapper in patches.py assumes about the host function it wraps (vLLM 0.32.0) is
+# carried by the patch itself (`Patch.host_parameters`).
+FUNCTION_PATCHES = [p for p in PATCHES if isinstance(p, Patch)]
+EXPECTED_PARAMETERS = {(p.owner_path, p.attribute): list(p.host_parameters or ())
+                       for p in FUNCTION_PATCHES}
 PROPERTIES = {("vllm.config.vllm:VllmConfig", "num_lookahead_tokens")}
 
 
@@ -140,15 +114,15 @@ def host_original(patch):
 
 
 def test_every_patch_has_an_expected_signature():
-    listed = {(p.owner_path, p.attribute) for p in FUNCTION_PATCHES}
     require(
-        [p for p in ALL_PATCHES if p not in FUNCTION_PATCHES] == [STATS_FIELD_PATCH],
+        [p for p in PATCHES if p not in FUNCTION_PATCHES] == [STATS_FIELD_PATCH],
         "tests/contract/test_vllm_contract.py", "a new kind of patch needs its own contract",
     )
-    require(
-        listed == set(EXPECTED_PARAMETERS), "tests/contract/test_vllm_contract.py",
-        f"patches {sorted(listed ^ set(EXPECTED_PARAMETERS))} and the contract disagree",
-    )
+    missing = [_patch_id(p) for p in FUNCTION_PATCHES if not p.host_parameters]
+    require(not missing, PATCHES_PY, f"patches {missing} name no host_parameters")
+    numbers = [p.number for p in PATCHES]
+    require(numbers == sorted(numbers) and set(numbers) == set(range(1, max(numbers) + 1)),
+            PATCHES_PY, f"patches are numbered {numbers}: 1..N in order")
 
 
 @pytest.mark.parametrize("patch", FUNCTION_PATCHES, ids=_patch_id)
@@ -206,7 +180,7 @@ def test_num_lookahead_tokens_is_a_property():
         isinstance(inspect.getattr_static(VllmConfig, "num_lookahead_tokens"), property),
         PATCHES_PY, "VllmConfig.num_lookahead_tokens is no longer a property",
     )
-    original = host_original(clasp_patches.CONFIG_PATCHES[1])
+    original = host_original(clasp_patches.patch(2))
     require(
         "self.num_speculative_tokens" in source(original.fget)
         and "return 0" in source(original.fget),
@@ -217,7 +191,7 @@ def test_num_lookahead_tokens_is_a_property():
 def test_v2_unsupported_features_returns_a_list_that_disables_v2():
     from vllm.config.vllm import VllmConfig
 
-    original = host_original(clasp_patches.CONFIG_PATCHES[2])
+    original = host_original(clasp_patches.patch(3))
     require(
         "unsupported: list[str] = []" in source(original), PATCHES_PY,
         "_get_v2_model_runner_unsupported_features no longer builds a list",
@@ -238,7 +212,7 @@ def test_create_speculative_config_shorthands():
         {"speculative_config", "spec_method", "spec_model", "spec_tokens"} <= fields,
         PATCHES_PY, "EngineArgs lost speculative_config or a --spec-* shorthand field",
     )
-    text = flat(source(host_original(clasp_patches.CONFIG_PATCHES[0])))
+    text = flat(source(host_original(clasp_patches.patch(1))))
     for flag, key, attribute in clasp_patches._SHORTHAND_FLAGS:
         require(
             f'("{flag}", "{key}", self.{attribute})' in text, PATCHES_PY,
@@ -316,7 +290,7 @@ def test_create_custom_proposer_contract():
         "and checks a callable propose",
     )
     require(
-        clasp_patches.PROPOSER_CLASS_PATH == "vllm_clasp.proposer.ClaspProposer",
+        clasp_patches.PROPOSER_CLASS_PATH == "vllm_clasp.vllm.proposer.ClaspProposer",
         PATCHES_PY, "PROPOSER_CLASS_PATH moved",
     )
 
@@ -391,11 +365,20 @@ def attributes_read(filename: str, *bases: str) -> set[str]:
     return found
 
 
+GLUE_FILES = ("vllm/proposer.py", "vllm/skip_forward.py", "vllm/paged_rows.py",
+              "vllm/patches.py")
+
+
+def glue_reads(*bases: str) -> set[str]:
+    """attributes_read() over every glue file that touches runner state."""
+    return set().union(*(attributes_read(f, *bases) for f in GLUE_FILES))
+
+
 def test_scheduler_output_fields():
     from vllm.v1.core.sched.output import SchedulerOutput
 
     fields = {f.name for f in dataclasses.fields(SchedulerOutput)}
-    used = attributes_read("proposer.py", "scheduler_output")
+    used = glue_reads("scheduler_output")
     assert {"finished_req_ids", "preempted_req_ids"} <= used, (
         f"attributes_read() no longer sees {PROPOSER_PY}'s scheduler_output reads: fix this test"
     )
@@ -406,15 +389,15 @@ def test_scheduler_output_fields():
 def test_every_runner_attribute_the_glue_reads(runner_cls):
     from vllm.v1.worker.gpu_input_batch import InputBatch
 
-    used = attributes_read("proposer.py", "runner") | attributes_read("paged_rows.py", "runner")
+    used = glue_reads("runner") | glue_reads("runner")
     assert {"input_batch", "requests", "attn_groups", "kv_cache_config"} <= used, (
         "attributes_read() no longer sees the runner reads of the glue: fix this test"
     )
     missing = sorted(a for a in used if not class_attribute_assigned(runner_cls, a))
     require(not missing, PROPOSER_PY + " / " + PAGED_ROWS_PY,
             f"GPUModelRunner no longer has {missing}")
-    used = (attributes_read("proposer.py", "batch", "input_batch")
-            | attributes_read("paged_rows.py", "input_batch"))
+    used = (glue_reads("batch", "input_batch")
+            | glue_reads("input_batch"))
     assert {"token_ids_cpu", "num_tokens_no_spec", "sampling_metadata", "block_table"} <= used, (
         "attributes_read() no longer sees the input-batch reads of the glue: fix this test"
     )
@@ -446,7 +429,7 @@ def test_sampling_metadata_fields():
     from vllm.v1.sample.metadata import SamplingMetadata
 
     fields = {f.name for f in dataclasses.fields(SamplingMetadata)}
-    used = attributes_read("proposer.py", "sampling", "sampling_metadata")
+    used = glue_reads("sampling", "sampling_metadata")
     missing = ({"all_greedy", "temperature", "generators"} | used) - fields
     require(not missing, PROPOSER_PY, f"SamplingMetadata lost {sorted(missing)}")
 
@@ -464,7 +447,7 @@ def test_attention_layer_name():
 
 
 def _paged_rows_metadata_keywords() -> set[str]:
-    tree = ast.parse((PACKAGE_DIR / "paged_rows.py").read_text())
+    tree = ast.parse((PACKAGE_DIR / "vllm" / "paged_rows.py").read_text())
     for node in ast.walk(tree):
         if (
             isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
@@ -593,7 +576,7 @@ def test_llama_decoder_stack_contract():
 def test_supported_architectures_share_the_llama_layer_contract():
     from vllm.model_executor.models import registry
 
-    from vllm_clasp.spec_config import SUPPORTED_ARCHITECTURES
+    from vllm_clasp.vllm.config import SUPPORTED_ARCHITECTURES
 
     for arch in SUPPORTED_ARCHITECTURES:
         require(arch in registry._TEXT_GENERATION_MODELS, SPEC_CONFIG_PY,
@@ -652,7 +635,7 @@ def test_cpu_expand_fallback_bug_still_needs_patch_6():
 
     source = inspect.getsource(cpu_triton_utils._expand_kernel_impl)
     assert "_ensure_int64(output)" in source, (
-        "vLLM's CPU expand fallback changed: check whether vllm_clasp/patches.py "
+        "vLLM's CPU expand fallback changed: check whether vllm_clasp/vllm/patches.py "
         "EXPAND_FIX_PATCH is still needed"
     )
 
@@ -660,7 +643,7 @@ def test_cpu_expand_fallback_bug_still_needs_patch_6():
 def test_expand_fix_matches_vllm_contract():
     import torch
 
-    from vllm_clasp.patches import _expand_batch_to_tokens
+    from vllm_clasp.vllm.patches import _expand_batch_to_tokens
 
     expand = _expand_batch_to_tokens(None)
     x = torch.tensor([0.5, 0.0, 2.0])
@@ -689,7 +672,7 @@ def test_cpu_top_k_on_no_rows_still_needs_patch_11():
 def test_empty_constraints_fix_is_a_no_op_on_no_rows_and_delegates_otherwise():
     import torch
 
-    from vllm_clasp.patches import _apply_sampling_constraints
+    from vllm_clasp.vllm.patches import _apply_sampling_constraints
 
     calls = []
     fixed = _apply_sampling_constraints(lambda *args: calls.append(args) or "vllm's")
@@ -743,14 +726,12 @@ def test_runner_output_carries_extra_attributes_and_scheduler_attaches_stats(run
     output.clasp_metrics = {"num_searches": 1}
     require(pickle.loads(pickle.dumps(output)).clasp_metrics == {"num_searches": 1}, PATCHES_PY,
             "ModelRunnerOutput loses attributes in pickle (executor processes)")
-    text = flat(source(host_original(clasp_patches.SCHEDULER_PATCH)))
+    text = flat(source(host_original(clasp_patches.patch(8))))
     require("eco.scheduler_stats = stats" in text and "self.log_stats" in flat(
         source(Scheduler.make_stats)), PATCHES_PY,
         "Scheduler.update_from_output no longer attaches SchedulerStats to an output")
-    sample = flat(source(host_original(next(
-        p for p in clasp_patches.RUNNER_PATCHES if p.attribute == "sample_tokens"))))
-    execute = flat(source(host_original(next(
-        p for p in clasp_patches.RUNNER_PATCHES if p.attribute == "execute_model"))))
+    sample = flat(source(host_original(clasp_patches.patch(7, "sample_tokens"))))
+    execute = flat(source(host_original(clasp_patches.patch(7, "execute_model"))))
     require("self._update_states(scheduler_output)" in execute
             and "return EMPTY_MODEL_RUNNER_OUTPUT" in execute, PATCHES_PY,
             "execute_model no longer returns early on steps without scheduled tokens")

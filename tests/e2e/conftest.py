@@ -29,7 +29,7 @@ def chat(tokenizer, prompt: str) -> str:
 
 
 def shutdown(llm) -> None:
-    from vllm_clasp.bench import _shutdown
+    from vllm_clasp.tools.bench import _shutdown
 
     _shutdown(llm)  # best effort, shared with the benchmark
 
@@ -77,7 +77,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def model_dir() -> str:
-    from vllm_clasp.model_prep import prepare_model
+    from vllm_clasp.tools.model_prep import prepare_model
 
     return str(prepare_model())
 
@@ -105,7 +105,7 @@ def spec_metrics(llm) -> dict[str, int]:
     Not `llm.get_metrics()`: each new `LLM` unregisters the previous engines' metrics from
     the global registry, so with several engines alive it reports only the last one built.
     """
-    from vllm_clasp.bench import spec_counters
+    from vllm_clasp.tools.bench import spec_counters
 
     counters = spec_counters(llm)
     return {

@@ -32,7 +32,7 @@ TIMEOUT_S = 600
 @pytest.mark.skipif(not QUESTIONS.is_file(), reason=f"Spec-Bench data not found at {QUESTIONS}")
 def test_bench_small(tmp_path, model_dir):
     out = tmp_path / "bench"
-    cmd = [sys.executable, "-m", "vllm_clasp.cli", "bench", "--questions", str(QUESTIONS),
+    cmd = [sys.executable, "-m", "vllm_clasp.tools.cli", "bench", "--questions", str(QUESTIONS),
            "--per-category", "1", "--batch-sizes", "1,8", "--max-tokens", "32",
            "--methods", ",".join(METHOD_SPECS), "--warmup", "1", "--out", str(out),
            "--model", model_dir, "--no-progress", "--enforce-eager"]  # compiling: +10 min

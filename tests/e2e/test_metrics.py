@@ -21,7 +21,7 @@ def _clasp_values(name: str) -> float:
     whether they are in the global registry right now depends on which engine this process
     built last (each new vLLM engine unregisters all `vllm:` metrics; ours re-register on
     their next update)."""
-    from vllm_clasp.metrics import _Collectors
+    from vllm_clasp.vllm.metrics import _Collectors
 
     total = 0.0
     for collector in _Collectors._instance.all:

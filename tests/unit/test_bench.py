@@ -1,4 +1,4 @@
-"""Tests of vllm_clasp.bench without an engine: inputs, Spec-Bench arithmetic, report files."""
+"""Tests of vllm_clasp.tools.bench without an engine: inputs, Spec-Bench arithmetic, report files."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from vllm_clasp import bench, cpu_env, cli, demo
-from vllm_clasp.bench import BASELINE, Question
+from vllm_clasp.tools import bench, cpu_env, cli, demo
+from vllm_clasp.tools.bench import BASELINE, Question
 
 SPEC_BENCH = Path(__file__).resolve().parents[3] / "shared" / "data" / "spec_bench" / "question.jsonl"
 
@@ -341,7 +341,7 @@ def test_iomp_reexec_once_from_the_cli(monkeypatch):
 
 
 def test_memory_line_reports_extra_peak_vs_plain():
-    from vllm_clasp.bench_report import _memory_lines
+    from vllm_clasp.tools.report import _memory_lines
 
     result = {"engines": {"plain": {"memory": {"peak_rss_mib": 1000.0}},
                           "clasp": {"memory": {"peak_rss_mib": 1030.0}},

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from vllm_clasp.draft_budget import (
+from vllm_clasp.core.draft_budget import (
     MIN_STEPS,
     AcceptanceRates,
     DraftBudget,

@@ -1,4 +1,4 @@
-"""Tests of vllm_clasp.draft_sampling.sample_draft_tokens (host-free).
+"""Tests of vllm_clasp.core.draft_sampling.sample_draft_tokens (host-free).
 
 Statistical tests use a fixed seed and a chi-square goodness-of-fit test at alpha = 1e-3: were
 the sampler correct and the seed drawn at random, each such test would fail with probability
@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_clasp.draft_sampling import SAMPLING_EPS, DraftSample, sample_draft_tokens
+from vllm_clasp.core.draft_sampling import SAMPLING_EPS, DraftSample, sample_draft_tokens
 
 scipy_stats = pytest.importorskip("scipy.stats")
 

@@ -1,12 +1,17 @@
-"""Layering: the host-free modules of vllm_clasp never import vLLM.
+"""Layering: the tree shows three layers, and the host-free ones never import vLLM.
 
-They hold the algorithm (optimizer, options, skip sets, draft sampling, prompt lookup, the
-draft budget, stats), the patching mechanism and the tooling (model preparation, HF
-reference layers, CLI, benchmark, demo); they must stay usable, testable and cheap to import
-without vLLM. Only `spec_config`, `patches` (lazily), `proposer`, `decoder_stack` and
-`paged_rows` may touch the host; `bench` and `demo` only inside the functions that run an
-engine. An AST check catches an import anywhere in a host-free file (also inside functions); a
-subprocess check catches indirect imports.
+- `vllm_clasp/core/`: the algorithm (options, DP, skip sets, draft sampling, prompt lookup, the
+  draft budget, the step planner, stats): plain torch/numpy, never vLLM, not even inside a
+  function. Unit-testable in milliseconds.
+- `vllm_clasp/vllm/`: the glue (config, patches, the proposer adapter, the skip forward on the
+  paged cache, TP collectives, metrics): the only place that may import vLLM at module level.
+- `vllm_clasp/tools/`: the command line, benchmark, demo, model preparation: vLLM only inside
+  the functions that run an engine, so `vllm-clasp --help` stays cheap.
+- `vllm_clasp/plugin.py` and `vllm_clasp/__init__.py`: the entry point vLLM imports in every
+  process; no vLLM at module level.
+
+Nothing in `core/` imports `vllm/` or `tools/`; nothing in `vllm/` imports `tools/`. An AST
+check catches an import anywhere in a file; a subprocess check catches indirect imports.
 """
 
 from __future__ import annotations
@@ -20,47 +25,38 @@ import pytest
 
 PACKAGE_DIR = Path(__file__).resolve().parents[2] / "vllm_clasp"
 
+
+def _files(folder: str) -> list[str]:
+    return sorted(str(p.relative_to(PACKAGE_DIR)) for p in (PACKAGE_DIR / folder).rglob("*.py"))
+
+
+CORE = _files("core")
+GLUE = _files("vllm")
+TOOLS = _files("tools")
+TOP = ["__init__.py", "plugin.py"]
 # Files that must not import vLLM anywhere (module level or inside functions).
-HOST_FREE = [
-    "__init__.py",
-    "optimizer.py",
-    "options.py",
-    "skip_state.py",
-    "draft_sampling.py",
-    "stats.py",
-    "patching.py",
-    "model_prep.py",
-    "hf_layers.py",
-    "prompt_lookup.py",
-    "draft_budget.py",
-    "bench_report.py",
-    "cpu_env.py",
-]
-# Files that must not import vLLM at module level (their subcommands may, lazily): the CLI
-# builds its parser from bench/demo, so `vllm-clasp --help` would otherwise import vLLM.
-HOST_FREE_AT_TOP_LEVEL = ["cli.py", "bench.py", "demo.py"]
+HOST_FREE = CORE
+# Files that must not import vLLM at module level (their subcommands may, lazily).
+HOST_FREE_AT_TOP_LEVEL = TOOLS + TOP
+# Which of the package's own layers each layer may import.
+ALLOWED_LAYERS = {"core": {"core"}, "vllm": {"core", "vllm"}, "tools": {"core", "vllm", "tools"}}
 
 # Modules a subprocess imports; vLLM must not be in sys.modules afterwards. `plugin` and
-# `patches` are included because vLLM imports the entry point in every process: registering
-# must stay cheap and import vLLM modules only when they are patched.
+# `vllm.patches` are included because vLLM imports the entry point in every process:
+# registering must stay cheap and import vLLM modules only when they are patched.
 IMPORTABLE_WITHOUT_VLLM = [
     "vllm_clasp",
-    "vllm_clasp.options",
-    "vllm_clasp.optimizer",
-    "vllm_clasp.skip_state",
-    "vllm_clasp.draft_sampling",
-    "vllm_clasp.stats",
-    "vllm_clasp.patching",
-    "vllm_clasp.model_prep",
-    "vllm_clasp.hf_layers",
-    "vllm_clasp.prompt_lookup",
-    "vllm_clasp.draft_budget",
-    "vllm_clasp.cli",
-    "vllm_clasp.bench",
-    "vllm_clasp.demo",
     "vllm_clasp.plugin",
-    "vllm_clasp.patches",
+    "vllm_clasp.vllm.patches",
+    "vllm_clasp.vllm.patching",
+    *("vllm_clasp." + f[:-3].replace("/", ".") for f in CORE + TOOLS if not f.endswith("__init__.py")),
 ]
+
+
+def test_the_tree_has_three_layers():
+    assert CORE and GLUE and TOOLS
+    top_level = sorted(p.name for p in PACKAGE_DIR.iterdir() if p.suffix == ".py")
+    assert top_level == sorted(TOP), "new modules go into core/, vllm/ or tools/"
 
 
 def _is_vllm(module: str | None) -> bool:
@@ -106,12 +102,28 @@ def _vllm_imports(filename: str, descend_into_functions: bool) -> list[str]:
     )
 
 
+@pytest.mark.parametrize("filename", CORE + GLUE + TOOLS)
+def test_layers_import_only_downwards(filename):
+    layer = filename.split("/")[0]
+    path = PACKAGE_DIR / filename
+    tree = ast.parse(path.read_text(), filename=str(path))
+    upward = sorted(
+        f"vllm_clasp/{filename}:{line}: imports {module}"
+        for line, module in _imports(tree, descend_into_functions=True)
+        if module and module.startswith("vllm_clasp.")
+        and module.split(".")[1] in ALLOWED_LAYERS
+        and module.split(".")[1] not in ALLOWED_LAYERS[layer]
+    )
+    assert not upward, f"{layer}/ may import only {sorted(ALLOWED_LAYERS[layer])}:\n" + \
+        "\n".join(upward)
+
+
 @pytest.mark.parametrize("filename", HOST_FREE)
 def test_host_free_module_never_imports_vllm(filename):
     found = _vllm_imports(filename, descend_into_functions=True)
     assert not found, (
         f"vllm_clasp/{filename} must stay host-free (no vLLM import, not even inside a "
-        "function); move host code to spec_config/proposer/decoder_stack/paged_rows:\n"
+        "function); host code belongs in vllm_clasp/vllm/:\n"
         + "\n".join(found)
     )
 
@@ -139,8 +151,8 @@ def test_checker_sees_nested_and_dynamic_imports():
         "except ImportError:\n"
         "    pass\n"
         "importlib.import_module('vllm.v1.worker.gpu_model_runner')\n"
-        "from vllm_clasp import options\n"
-        "import vllm_clasp.patching\n"
+        "from vllm_clasp.core import options\n"
+        "import vllm_clasp.vllm.patching\n"
     )
     tree = ast.parse(source)
     every = sorted(m for _, m in _imports(tree, True) if _is_vllm(m))
@@ -149,9 +161,19 @@ def test_checker_sees_nested_and_dynamic_imports():
     assert top == ["vllm.envs", "vllm.v1.worker.gpu_model_runner"]
 
 
-def test_every_listed_file_exists():
-    for filename in HOST_FREE + HOST_FREE_AT_TOP_LEVEL:
-        assert (PACKAGE_DIR / filename).is_file(), f"vllm_clasp/{filename} is missing"
+def test_each_layer_holds_what_it_owns():
+    """The modules the docs' table of folders names are where it says (so the checks above
+    cover them)."""
+    expected = {
+        "core": ["options", "optimizer", "planner", "draft_budget", "skip_state",
+                 "draft_sampling", "prompt_lookup", "stats"],
+        "vllm": ["config", "patches", "patching", "proposer", "skip_forward", "decoder_stack",
+                 "paged_rows", "collective", "metrics"],
+        "tools": ["cli", "demo", "model_prep", "cpu_env", "report"],
+    }
+    for layer, modules in expected.items():
+        for module in modules:
+            assert f"{layer}/{module}.py" in CORE + GLUE + TOOLS, f"{layer}/{module}.py missing"
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
@@ -167,7 +189,7 @@ def test_importing_the_package_does_not_import_vllm():
 
 def test_importing_host_free_modules_does_not_import_vllm():
     imports = "; ".join(f"import {name}" for name in IMPORTABLE_WITHOUT_VLLM)
-    imports += "; import vllm_clasp.cli as cli; cli.build_parser()"  # parser of every subcommand
+    imports += "; import vllm_clasp.tools.cli as cli; cli.build_parser()"  # parser of every subcommand
     code = (
         f"{imports}; import sys; "
         "loaded = sorted(m for m in sys.modules if m == 'vllm' or m.startswith('vllm.')); "

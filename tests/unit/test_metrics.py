@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vllm_clasp.patching import FieldPatch
-from vllm_clasp.stats import ClaspStats, merge_deltas
+from vllm_clasp.vllm.patching import FieldPatch
+from vllm_clasp.core.stats import ClaspStats, merge_deltas
 
 
 def test_take_delta_reports_only_what_changed():
@@ -88,7 +88,7 @@ def _value(name: str, **labels) -> float | None:
 
 
 def test_stat_logger_exports_prometheus_metrics_and_a_log_line(caplog):
-    from vllm_clasp.metrics import ClaspStatLogger
+    from vllm_clasp.vllm.metrics import ClaspStatLogger
 
     stat_logger = ClaspStatLogger(_config("unit-model"), engine_index=0)
     labels = {"model_name": "unit-model", "engine": "0"}
@@ -114,7 +114,7 @@ def test_stat_logger_re_registers_after_vllm_unregisters_its_metrics():
     from prometheus_client import REGISTRY
     from vllm.v1.metrics.prometheus import unregister_vllm_metrics
 
-    from vllm_clasp.metrics import ClaspStatLogger
+    from vllm_clasp.vllm.metrics import ClaspStatLogger
 
     stat_logger = ClaspStatLogger(_config("unit-model-2"), engine_index=1)
     unregister_vllm_metrics()  # what each new vLLM PrometheusStatLogger does

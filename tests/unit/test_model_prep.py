@@ -1,4 +1,4 @@
-"""Tests of vllm_clasp.model_prep (and the ``model`` CLI subcommand).
+"""Tests of vllm_clasp.tools.model_prep (and the ``model`` CLI subcommand).
 
 All tests but ``test_real_conversion`` replace the ~30 s GGUF conversion with a
 fake converter and run in milliseconds.  ``test_real_conversion`` runs the real
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from vllm_clasp import cli, model_prep
-from vllm_clasp.model_prep import (
+from vllm_clasp.tools import cli, model_prep
+from vllm_clasp.tools.model_prep import (
     CONVERTER_VERSION,
     DEFAULT_MODEL,
     KNOWN_MODELS,
@@ -337,7 +337,7 @@ def test_failed_pip_install_raises(cache, monkeypatch):
 
 def test_import_is_cheap():
     code = (
-        "import sys, vllm_clasp.model_prep, vllm_clasp.cli\n"
+        "import sys, vllm_clasp.tools.model_prep, vllm_clasp.tools.cli\n"
         "heavy = [m for m in ('torch', 'transformers', 'vllm', 'safetensors') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )

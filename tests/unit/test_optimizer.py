@@ -1,4 +1,4 @@
-"""Unit tests for the CLaSp DP (vllm_clasp.optimizer) on synthetic layers; plain torch, fast."""
+"""Unit tests for the CLaSp DP (vllm_clasp.core.optimizer) on synthetic layers; plain torch, fast."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vllm_clasp.optimizer import SkipSearch, plan_layer_calls, resolve_num_skip, search_skip_sets
+from vllm_clasp.core.optimizer import SkipSearch, plan_layer_calls, resolve_num_skip, search_skip_sets
 
 
 # ----------------------------------------------------------------------------- helpers

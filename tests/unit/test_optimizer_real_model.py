@@ -1,4 +1,4 @@
-"""The CLaSp DP on the real SmolLM2-135M (30 layers), through vllm_clasp.hf_layers.
+"""The CLaSp DP on the real SmolLM2-135M (30 layers), through tests.support.hf_layers.
 
 Run with ``-s`` to see the numbers. Every cosine below is measured: the chosen skip set is run
 again on the token (``LastTokenContext.draft_state``). None of them is the DP's own table value.
@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vllm_clasp import hf_layers
-from vllm_clasp.optimizer import search_skip_sets
+from tests.support import hf_layers
+from vllm_clasp.core.optimizer import search_skip_sets
 
 PROMPTS = [
     "What is the capital of France?",
@@ -38,7 +38,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def lm():
     transformers = pytest.importorskip("transformers")
-    from vllm_clasp.model_prep import prepare_model
+    from vllm_clasp.tools.model_prep import prepare_model
 
     path = prepare_model()
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

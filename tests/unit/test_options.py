@@ -1,4 +1,4 @@
-"""Tests of vllm_clasp.options: validation of every CLaSp knob and resolution against a model.
+"""Tests of vllm_clasp.core.options: validation of every CLaSp knob and resolution against a model.
 
 Host-free and instant. Every error message must name the JSON key (`clasp_*`) and the allowed
 range, since that message is what a user sees from `--speculative-config`.
@@ -10,7 +10,7 @@ import dataclasses
 
 import pytest
 
-from vllm_clasp.options import (
+from vllm_clasp.core.options import (
     DEFAULT_DRAFT_EXIT_THRESHOLD,
     DEFAULT_DRAFT_VOCAB_SIZE,
     DEFAULT_LOI,

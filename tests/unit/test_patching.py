@@ -1,4 +1,4 @@
-"""Tests of vllm_clasp.patching: `Patch` and `when_imported`, on toy classes and modules.
+"""Tests of vllm_clasp.vllm.patching: `Patch` and `when_imported`, on toy classes and modules.
 
 Host-free and instant: no vLLM import. Toy modules get unique names so tests do not interfere.
 """
@@ -12,8 +12,8 @@ import uuid
 
 import pytest
 
-from vllm_clasp import patching
-from vllm_clasp.patching import Patch, when_imported
+from vllm_clasp.vllm import patching
+from vllm_clasp.vllm.patching import Patch, when_imported
 
 
 def _unique(prefix: str) -> str:
@@ -142,19 +142,19 @@ def test_missing_attribute_names_the_file_to_update(toy_module):
         patch.apply()
     message = str(info.value)
     assert f"{toy_module.__name__}:Toy.no_such_method" in message
-    assert "vllm_clasp/patches.py" in message
+    assert "vllm_clasp/vllm/patches.py" in message
     assert not patch.applied
     assert "no_such_method" not in vars(toy_module.Toy)
 
     module_patch = _patch(toy_module.__name__, "no_such_function", lambda orig: orig)
-    with pytest.raises(AttributeError, match="vllm_clasp/patches.py"):
+    with pytest.raises(AttributeError, match="vllm_clasp/vllm/patches.py"):
         module_patch.apply()
 
 
 def test_inherited_attribute_counts_as_missing(toy_module):
     """A class patch targets the class that defines the attribute, not a subclass."""
     patch = _patch(f"{toy_module.__name__}:Toy", "inherited", lambda orig: orig)
-    with pytest.raises(AttributeError, match="vllm_clasp/patches.py"):
+    with pytest.raises(AttributeError, match="vllm_clasp/vllm/patches.py"):
         patch.apply()
     assert "inherited" not in vars(toy_module.Toy)
 

@@ -10,7 +10,8 @@ from importlib import metadata
 
 import pytest
 
-from vllm_clasp import patches, patching, plugin
+from vllm_clasp import plugin
+from vllm_clasp.vllm import patches, patching
 from vllm_clasp.plugin import (
     PINNED_VLLM_VERSION,
     SKIP_VERSION_CHECK_ENV,
@@ -134,12 +135,14 @@ def test_entry_point_is_declared():
 
 
 def test_register_applies_config_patches_once():
-    """The real thing: twice register(), twice apply_all(): each patch wraps vLLM's original
-    exactly once, and the runner patches wait for the runner module (or are applied)."""
+    """The real thing: register() twice wraps each patch around vLLM's original exactly once,
+    the runner patches wait for the runner module (or are applied), and a second apply_all()
+    (behind register()'s guard) is refused rather than wrapping twice."""
     register()
     register()
-    patches.apply_all()
-    for patch in patches.CONFIG_PATCHES:
+    with pytest.raises(RuntimeError, match="already patched"):
+        patches.apply_all()
+    for patch in [p for p in patches.PATCHES if p.scope == patches.Scope.REGISTER]:
         assert patch.applied, patch.owner_path
         installed = vars(patch.owner())[patch.attribute]
         original = patch.original
@@ -152,5 +155,6 @@ def test_register_applies_config_patches_once():
             f"{patch.owner_path}.{patch.attribute} wrapped twice"
         )
     runner_pending = patches.RUNNER_MODULE in patching._hooks
-    runner_applied = all(p.applied for p in patches.RUNNER_PATCHES)
+    runner_applied = all(p.applied for p in patches.PATCHES
+                         if p.module_name == patches.RUNNER_MODULE)
     assert runner_pending != runner_applied

@@ -1,11 +1,11 @@
-"""Tests of vllm_clasp.skip_state.SkipSetTracker: the per-request DP schedule (host-free)."""
+"""Tests of vllm_clasp.core.skip_state.SkipSetTracker: the per-request DP schedule (host-free)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from vllm_clasp.skip_state import SkipSetTracker
+from vllm_clasp.core.skip_state import SkipSetTracker
 
 
 def mask(*skipped: int, num_layers: int = 8) -> torch.Tensor:  # [num_layers] bool

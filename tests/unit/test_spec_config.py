@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from vllm_clasp.model_prep import prepare_model
-from vllm_clasp.options import DEFAULT_NUM_SPECULATIVE_TOKENS, ClaspOptions
+from vllm_clasp.tools.model_prep import prepare_model
+from vllm_clasp.core.options import DEFAULT_NUM_SPECULATIVE_TOKENS, ClaspOptions
 
 MAX_MODEL_LEN = 2048
 VOCAB_SIZE = 49152  # SmolLM2-135M: 30 layers, 28 skippable with the default never-skip [0, -1]
@@ -64,7 +64,7 @@ def config_error(make_config, speculative_config, **kwargs) -> str:
 def test_defaults(make_config):
     from vllm.config.speculative import SpeculativeConfig
 
-    from vllm_clasp.spec_config import ClaspSpeculativeConfig
+    from vllm_clasp.vllm.config import ClaspSpeculativeConfig
 
     config = make_config({"method": "clasp"})
     spec = config.speculative_config
@@ -133,7 +133,7 @@ def test_cli_shorthand_flags(make_config):
 
 def test_config_pickles(make_config):
     """Engine-core and worker processes receive the config pickled."""
-    from vllm_clasp.spec_config import ClaspSpeculativeConfig
+    from vllm_clasp.vllm.config import ClaspSpeculativeConfig
 
     config = make_config({"method": "clasp", "clasp_loi": 3, "clasp_never_skip": [0, -1]})
     spec = pickle.loads(pickle.dumps(config.speculative_config))
@@ -236,7 +236,7 @@ def gpt2_dir(tmp_path_factory, model_dir):
 
 
 def test_unsupported_architecture(make_config, gpt2_dir):
-    from vllm_clasp.spec_config import SUPPORTED_ARCHITECTURES
+    from vllm_clasp.vllm.config import SUPPORTED_ARCHITECTURES
 
     # The directory is a valid vLLM model without clasp.
     assert make_config(None, model=gpt2_dir).speculative_config is None

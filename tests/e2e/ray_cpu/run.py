@@ -39,7 +39,7 @@ def rank_report(worker) -> dict:
 def run_method(args, method: str) -> dict:
     from vllm import LLM, SamplingParams
 
-    from vllm_clasp.bench import _shutdown, spec_counters
+    from vllm_clasp.tools.bench import _shutdown, spec_counters
 
     llm = LLM(
         model=args.model, dtype="float32", enforce_eager=True, max_model_len=2048, seed=0,

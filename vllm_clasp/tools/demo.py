@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 
-from vllm_clasp import bench
+from vllm_clasp.tools import bench
 
 BUILTIN_PROMPTS = [
     ("writing", "Write a short, friendly email inviting a colleague to lunch on Friday."),

@@ -1,4 +1,4 @@
-"""``vllm-clasp`` command line (console script ``vllm_clasp.cli:main``).
+"""``vllm-clasp`` command line (console script ``vllm_clasp.tools.cli:main``).
 
 Subcommands are registered in :data:`SUBCOMMANDS`, a dict mapping the
 subcommand name to a :class:`Subcommand` (help text, a function adding its
@@ -23,7 +23,7 @@ import logging
 import sys
 from typing import Callable, Sequence
 
-logger = logging.getLogger("vllm_clasp.cli")
+logger = logging.getLogger("vllm_clasp.tools.cli")
 
 #: Exit codes.
 EXIT_OK = 0
@@ -43,7 +43,7 @@ class Subcommand:
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    from vllm_clasp import model_prep  # cheap: no torch / transformers / vllm
+    from vllm_clasp.tools import model_prep  # cheap: no torch / transformers / vllm
 
     known = ", ".join(sorted(model_prep.KNOWN_MODELS))
     parser.add_argument(
@@ -73,7 +73,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_model(args: argparse.Namespace) -> int:
-    from vllm_clasp import model_prep
+    from vllm_clasp.tools import model_prep
 
     try:
         path = model_prep.prepare_model(args.name, cache_dir=args.cache_dir, install=not args.no_install)
@@ -88,25 +88,25 @@ def _run_model(args: argparse.Namespace) -> int:
 
 
 def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    from vllm_clasp import bench  # cheap: vLLM is imported only when the benchmark runs
+    from vllm_clasp.tools import bench  # cheap: vLLM is imported only when the benchmark runs
 
     bench.add_arguments(parser)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from vllm_clasp import bench
+    from vllm_clasp.tools import bench
 
     return bench.run_cli(args)
 
 
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    from vllm_clasp import demo
+    from vllm_clasp.tools import demo
 
     demo.add_arguments(parser)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from vllm_clasp import demo
+    from vllm_clasp.tools import demo
 
     return demo.run_cli(args)
 

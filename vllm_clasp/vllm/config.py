@@ -14,7 +14,7 @@ from pydantic import SkipValidation
 from vllm.config.speculative import SpeculativeConfig
 from vllm.config.utils import config
 
-from vllm_clasp.options import DEFAULT_NUM_SPECULATIVE_TOKENS, ClaspOptions
+from vllm_clasp.core.options import DEFAULT_NUM_SPECULATIVE_TOKENS, ClaspOptions
 
 CLASP_METHOD = "clasp"
 
@@ -30,7 +30,7 @@ SUPPORTED_ARCHITECTURES = (
 
 @config
 class ClaspSpeculativeConfig(SpeculativeConfig):
-    """SpeculativeConfig for CLaSp; see `vllm_clasp.options` for the knobs' meaning."""
+    """SpeculativeConfig for CLaSp; see `vllm_clasp.core.options` for the knobs' meaning."""
 
     method: str | None = None  # type: ignore[assignment]
     # SkipValidation: pydantic's lax coercion would turn `true` into 1 and "12" into 12 before

@@ -1,7 +1,7 @@
 """CLaSp layer-skip optimiser: the dynamic program of Chen et al. (ACL 2025), host-free.
 
 Plain torch only: no vLLM and no transformers import. The host supplies decoder layers
-through a ``run_layer`` callable; see ``vllm_clasp.hf_layers`` for a transformers one.
+through a ``run_layer`` callable; see ``tests.support.hf_layers`` for a transformers one.
 
 Terms
 -----

@@ -115,7 +115,7 @@ class ClaspStatLogger(StatLoggerBase):
         delta = getattr(scheduler_stats, "clasp", None) if scheduler_stats else None
         if not delta:
             return
-        from vllm_clasp.stats import merge_deltas
+        from vllm_clasp.core.stats import merge_deltas
 
         collectors = self._collectors
         collectors.ensure_registered()  # a later engine in this process may have unregistered us

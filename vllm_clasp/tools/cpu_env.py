@@ -10,7 +10,7 @@ import platform
 import sys
 from pathlib import Path
 
-logger = logging.getLogger("vllm_clasp.bench")
+logger = logging.getLogger("vllm_clasp.tools.bench")
 
 #: Set in the re-executed process so that it does not re-execute again (no VLLM_ prefix:
 #: vLLM warns about every VLLM_* variable it does not know).

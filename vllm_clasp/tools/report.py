@@ -1,6 +1,6 @@
 """Results of `vllm-clasp bench`: Spec-Bench arithmetic, per-group summary, table, JSON, plots.
 
-Pure functions over the records `vllm_clasp.bench` collects (no vLLM, no engines).
+Pure functions over the records `vllm_clasp.tools.bench` collects (no vLLM, no engines).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """CLaSp's own knobs: names, defaults, allowed ranges, and how they resolve against a model.
 
 Host-free: this module is what `docs/configuration.md` documents and what the vLLM config
-subclass (`vllm_clasp.spec_config`) validates against. Every knob is optional.
+subclass (`vllm_clasp.vllm.config`) validates against. Every knob is optional.
 
 Keys in `--speculative-config` JSON (besides vLLM's `method` and `num_speculative_tokens`):
 
@@ -60,7 +60,7 @@ class ClaspOptions:
     """Shortest n-gram that counts as a match; None means min(3, prompt_lookup_max)."""
     adaptive: bool = True
     """Make model drafts, and verify draft tokens, only where measured costs and acceptance
-    say they pay (vllm_clasp.draft_budget). False drafts on every step and verifies every
+    say they pay (vllm_clasp.core.draft_budget). False drafts on every step and verifies every
     draft token."""
 
     def __post_init__(self) -> None:

@@ -30,6 +30,14 @@ class Patch:
     removal: str
     """What vLLM would need to offer for this patch to go away."""
     original: Any = field(default=_MISSING, repr=False)
+    number: int = 0
+    """Its number in the manifest (two symbols may share one change)."""
+    what: str = ""
+    """What the replacement does."""
+    host_parameters: tuple[str, ...] | None = None
+    """The parameters the wrapper expects of the host function (checked by the contract)."""
+    scope: str = ""
+    """When it is applied (vllm_clasp.vllm.patches.Scope)."""
 
     @property
     def applied(self) -> bool:
@@ -55,7 +63,7 @@ class Patch:
         if original is _MISSING:
             raise AttributeError(
                 f"cannot patch {self.owner_path}.{self.attribute}: the host has no such "
-                "attribute (vLLM changed; see vllm_clasp/patches.py)"
+                "attribute (vLLM changed; see vllm_clasp/vllm/patches.py)"
             )
         setattr(owner, self.attribute, self.make(original))
         self.original = original
@@ -132,6 +140,9 @@ class FieldPatch:
     removal: str
     default: Any = None
     applied: bool = False
+    number: int = 0
+    what: str = ""
+    scope: str = ""
 
     @property
     def module_name(self) -> str:
@@ -148,10 +159,10 @@ class FieldPatch:
         cls = self.owner()
         if not dataclasses.is_dataclass(cls):
             raise TypeError(f"cannot add a field to {self.owner_path}: not a dataclass "
-                            "(vLLM changed; see vllm_clasp/patches.py)")
+                            "(vLLM changed; see vllm_clasp/vllm/patches.py)")
         if self.attribute in cls.__dataclass_fields__ or hasattr(cls, self.attribute):
             raise AttributeError(f"{self.owner_path} already has {self.attribute!r} "
-                                 "(vLLM changed; see vllm_clasp/patches.py)")
+                                 "(vLLM changed; see vllm_clasp/vllm/patches.py)")
         new = dataclasses.field(default=self.default)
         new.name, new.type = self.attribute, self.annotation
         new._field_type = dataclasses._FIELD  # what @dataclass sets for an ordinary field

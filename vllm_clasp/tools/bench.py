@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from vllm_clasp.bench_report import (  # noqa: F401 - re-exported for callers and tests
+from vllm_clasp.tools.report import (  # noqa: F401 - re-exported for callers and tests
     BASELINE,
     GROUPS,
     MISMATCH_TOLERANCE,
@@ -57,7 +57,7 @@ from vllm_clasp.bench_report import (  # noqa: F401 - re-exported for callers an
     write_results,
     _find,
 )
-from vllm_clasp.cpu_env import (  # noqa: F401 - re-exported for callers and tests
+from vllm_clasp.tools.cpu_env import (  # noqa: F401 - re-exported for callers and tests
     IOMP_GUARD_ENV,
     _maps_contain,
     _setup_iomp,
@@ -65,7 +65,7 @@ from vllm_clasp.cpu_env import (  # noqa: F401 - re-exported for callers and tes
     maybe_reexec_with_iomp,
 )
 
-logger = logging.getLogger("vllm_clasp.bench")
+logger = logging.getLogger("vllm_clasp.tools.bench")
 
 MT_BENCH_CATEGORIES = (
     "writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities",
@@ -453,7 +453,7 @@ def run_bench(options: BenchOptions) -> dict:
     machine = machine_info()
     machine["iomp"] = iomp
 
-    from vllm_clasp.model_prep import prepare_model
+    from vllm_clasp.tools.model_prep import prepare_model
 
     model = str(prepare_model(options.model))
     started = time.perf_counter()

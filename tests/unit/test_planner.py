@@ -1,0 +1,272 @@
+"""The step planner (`core.planner`) on plain inputs: request lifetime, prompt-lookup drafts,
+which requests get model drafts, how much is verified, crediting the last plan, seeded
+requests, and the tensor-parallel broadcast path (host-free, milliseconds).
+
+Finished and preempted requests are forgotten before anything else, so a request resumed
+after preemption (its KV recomputed, its context possibly different from the one its skip set
+was chosen for) gets a fresh DP run.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from vllm_clasp.core.draft_budget import DraftBudget, choose_lengths
+from vllm_clasp.core.options import ClaspOptions
+from vllm_clasp.core.planner import LOOKUP, MODEL, StepInputs, StepPlanner
+
+REPEATED = [5, 6, 7, 8, 9, 5, 6, 7]  # row 0 ends in a repeat of "5 6 7"
+FRESH = [1, 2, 3, 4, 10, 11, 12, 13]  # row 1 has no repeat
+SKIP = torch.tensor([False, True, False])  # a 3-layer model's skip set
+
+
+class FixedCost(DraftBudget):
+    """A draft budget with a given verification cost on every step; records observations.
+    Model drafts cost 100 x a verification step per pass (draft_ratio) unless a test says
+    otherwise: never worth it."""
+
+    def __init__(self, cost, draft_ratio: float = 100.0):
+        super().__init__(draft_ratio=draft_ratio)
+        self.cost, self.observed = cost, []
+
+    def start_step(self, batch_size: int):
+        return self.cost
+
+    def observe(self, batch_size, tokens_verified, seconds) -> None:
+        self.observed.append((batch_size, tokens_verified))
+
+
+def planner_with(cost=(0.05, 0.0), lookup: int = 3, adaptive: bool = True, **kwargs
+                 ) -> StepPlanner:
+    options = ClaspOptions(prompt_lookup_max=lookup, adaptive=adaptive, loi=16).resolve(
+        num_layers=3, vocab_size=100)
+    budget = FixedCost(cost) if adaptive else None
+    return StepPlanner(options, budget=budget, **kwargs)
+
+
+def inputs(sampled=(1, 1), req_ids=("a", "b"), new=False, seeded=()) -> StepInputs:
+    return StepInputs(
+        req_ids=list(req_ids), token_ids=np.array([REPEATED, FRESH][: len(req_ids)]),
+        num_tokens=np.full(len(req_ids), 8), num_sampled=list(sampled),
+        max_draft=np.full(len(req_ids), 8), seeded=frozenset(seeded), has_prefill=new,
+    )
+
+
+def step(planner: StepPlanner, made=None, **kwargs) -> list[list[int]]:
+    """One step as the adapter runs it; `made(plan)` stands in for the model's drafts."""
+    step_inputs = inputs(**kwargs)
+    plan = planner.plan(step_inputs)
+    if plan is None:
+        return [[] for _ in step_inputs.req_ids]
+    drafts = made(plan) if made else {}
+    assert made or not plan.model_rows, "this test has no model to draft with"
+    return planner.finish(plan, step_inputs, drafts, 0.001)
+
+
+# ------------------------------------------------------------------ request lifetime
+
+
+def test_preempted_and_finished_requests_are_forgotten():
+    planner = planner_with()
+    for req_id in "abc":
+        planner.tracker.update(req_id, SKIP)
+    planner.forget({"c"})
+    planner.forget({"b"})
+    assert "a" in planner.tracker
+    assert "b" not in planner.tracker and "c" not in planner.tracker
+    assert not planner.tracker.is_due("a")
+    assert planner.tracker.is_due("b"), "a resumed request must be searched afresh"
+
+
+def test_preempted_ids_may_be_none():
+    planner = planner_with()
+    planner.tracker.update("a", SKIP)
+    planner.forget(None)
+    assert "a" in planner.tracker
+
+
+def test_state_of_requests_the_runner_forgot_is_dropped():
+    """A step that never reached the proposer (no tokens scheduled) still must not leak."""
+    planner = planner_with()
+    for req_id in ("a", "gone1", "gone2"):
+        planner.tracker.update(req_id, SKIP)
+    planner.retain(["a"])
+    assert len(planner.tracker) == 1 and "a" in planner.tracker
+
+
+def test_forgetting_every_request_empties_the_state_and_the_gauge():
+    """The step after the last requests finish schedules nothing: the patched execute_model
+    calls forget() so an idle engine holds (and reports) no CLaSp state."""
+    planner = planner_with()
+    for req_id in "ab":
+        planner.tracker.update(req_id, SKIP)
+    planner.stats.tracked_requests = 2
+    planner.forget({"a", "b"})
+    assert len(planner.tracker) == 0
+    assert planner.stats.take_delta()["tracked_requests"] == 0
+
+
+def test_nothing_decodes_nothing_is_planned():
+    planner = planner_with()
+    assert planner.plan(inputs(sampled=(0, 0))) is None
+    assert step(planner, sampled=(0, 0)) == [[], []]
+
+
+# ------------------------------------------------------------------ prompt lookup and costs
+
+
+def test_prompt_lookup_drafts_and_model_off_for_the_rest():
+    planner = planner_with()
+    # Row 0 copies what followed the earlier "5 6 7" (verification is free: all of it); row 1
+    # gets nothing: a model draft would cost more than it is expected to gain.
+    assert step(planner) == [[8, 9, 5, 6, 7], []]
+    assert planner.stats.num_prompt_lookup_rounds == 1 and planner.stats.num_plain_rounds == 1
+    assert planner.stats.num_plain_steps == 0  # one request drafted
+    # The next step credits the previous one: 2 requests verified 2 + 5 tokens; request "a"
+    # got 2 of its 5 copied tokens accepted (3 sampled = 2 accepted + the correction).
+    step(planner, sampled=(3, 1))
+    assert planner.budget.observed == [(2, 7)]
+    assert planner.acceptance.rate("a", LOOKUP) > planner.acceptance.source_rate(LOOKUP)
+    step(planner, new=True)  # a prefill in the step: its time is not credited
+    assert len(planner.budget.observed) == 1
+
+
+def test_finished_requests_acceptance_is_forgotten():
+    planner = planner_with()
+    step(planner)
+    step(planner, sampled=(3, 1))
+    assert len(planner.acceptance) == 1
+    planner.forget({"a"})
+    assert len(planner.acceptance) == 0
+
+
+def test_measured_costs_truncate_copied_drafts():
+    """With verification paying per token, only the copied tokens likely enough to be
+    accepted are verified (rate 0.5 before any observation: gains 0.5, 0.25, 0.125, ...)."""
+    fixed, per_token = 0.010, 0.001
+    planner = planner_with(cost=(fixed, per_token))
+    # Both requests verify one token each (E = 2 tokens in T = 0.012 s); a copied token of
+    # gain g is worth its 0.001 s while g * T > E * 0.001: 0.5 and 0.25 are, 0.125 is not.
+    assert choose_lengths([5, 0], [0.5, 0.5], fixed, per_token) == [2, 0]
+    assert step(planner) == [[8, 9], []]
+    assert planner.stats.num_unverified_draft_tokens == 3
+    # Verification as expensive as a whole step per token: nothing is worth verifying.
+    planner = planner_with(cost=(fixed, fixed))
+    assert step(planner) == [[], []]
+    assert planner.stats.num_plain_steps == 1 and planner.stats.num_unverified_draft_tokens == 5
+
+
+def test_lookup_off_leaves_every_request_to_the_model():
+    planner = planner_with(lookup=0, adaptive=False)
+    plan = planner.plan(inputs())
+    assert plan.copied == {} and plan.model_rows == [0, 1]
+
+
+# ------------------------------------------------------------------ model drafts and the DP
+
+
+def test_model_drafts_go_to_requests_worth_their_cost():
+    planner = planner_with(cost=(0.05, 0.001))
+    step_inputs = inputs()
+    for _ in range(20):  # "a" drafts well with the model, "b" badly
+        planner.acceptance.observe("a", MODEL, drafted=2, accepted=2)
+        planner.acceptance.observe("b", MODEL, drafted=2, accepted=0)
+    planner.budget.draft_ratio = 0.1  # a cheap draft: worth it for "a" alone
+    assert planner._model_rows(step_inputs, (0.05, 0.001), [0, 1], {}, 2) == [0]
+    planner.budget.draft_ratio = 5.0  # drafting dearer than anything it could gain
+    assert planner._model_rows(step_inputs, (0.05, 0.001), [0, 1], {}, 2) == []
+    # No fit yet, or exploring: one request (the most promising) drafts, to measure.
+    assert planner._model_rows(step_inputs, None, [0, 1], {}, 2) == [0]
+
+
+def test_model_rows_are_searched_when_due_then_every_loi_drafting_steps():
+    planner = planner_with(lookup=0, adaptive=False)
+    planner.tracker.loi = 2
+    step_inputs = inputs()
+    plan = planner.plan(step_inputs)
+    assert plan.model_rows == plan.search_rows == [0, 1]  # new requests: no skip set yet
+    planner.record_search(plan, step_inputs, torch.stack([SKIP, ~SKIP]), seconds=0.01)
+    assert planner.skip_masks(plan, step_inputs).tolist() == [SKIP.tolist(), (~SKIP).tolist()]
+    assert planner.stats.num_searches == 2
+    made = {0: np.array([3, 4]), 1: np.array([7])}
+    assert planner.finish(plan, step_inputs, made, 0.002) == [[3, 4], [7]]
+    assert planner.stats.num_draft_rounds == 2 and planner.stats.num_draft_tokens == 3
+    assert planner.plan(inputs(sampled=(3, 2))).search_rows == []  # 1 step since the DP
+    assert planner.plan(inputs(sampled=(1, 1))).search_rows == [0, 1]  # LOI = 2 reached
+
+
+def test_copied_and_model_drafts_are_verified_jointly():
+    """Per token the verification costs 0.001 s: the model's and the copy's tokens compete
+    for it in order of expected gain, and the model's (rate 0.9) win."""
+    planner = planner_with(cost=(0.010, 0.001))
+    planner.budget.draft_ratio = 0.01
+    for _ in range(50):
+        planner.acceptance.observe("b", MODEL, drafted=4, accepted=4)
+    step_inputs = inputs()
+    plan = planner.plan(step_inputs)
+    assert plan.model_rows == plan.search_rows == [1] and list(plan.copied) == [0]
+    planner.record_search(plan, step_inputs, SKIP[None], seconds=0.001)
+    drafts = planner.finish(plan, step_inputs, {1: np.array([1, 2, 3, 4])}, 0.001)
+    assert len(drafts[1]) == 4 and len(drafts[0]) < 4
+    assert plan.copied[0].tolist() == drafts[0]
+
+
+# ------------------------------------------------------------------ seeds
+
+
+def test_seeded_requests_draft_by_the_fixed_policy_whatever_the_costs():
+    """A seeded request's output depends on what is drafted for it, so measured costs must
+    not shape its drafts: its copied draft is verified in full and, without one, it always
+    gets a model draft, while unseeded requests follow the budget."""
+    fixed = 0.010
+    planner = planner_with(cost=(fixed, fixed))  # verifying costs a step per token
+    assert step(planner) == [[], []]
+    assert step(planner, seeded={0}) == [[8, 9, 5, 6, 7], []]
+    assert planner.plan(inputs(seeded={1})).model_rows == [1]
+    planner.budget.draft_ratio = 5.0  # model drafts never pay for unseeded requests
+    step_inputs = inputs(seeded={1})
+    assert planner._model_rows(step_inputs, (0.05, 0.001), [0, 1], {}, 2) == [1]
+    assert planner._model_rows(step_inputs, None, [0, 1], {}, 2) == [0, 1]
+
+
+# ------------------------------------------------------------------ tensor parallelism
+
+
+class Rank0:
+    """Records what rank 0 broadcasts."""
+
+    def __init__(self):
+        self.sent: list[torch.Tensor] = []
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.sent.append(tensor.clone())
+        return tensor
+
+
+class OtherRank:
+    """Receives rank 0's tensors in order (checking shape and dtype agree)."""
+
+    def __init__(self, sent: list[torch.Tensor]):
+        self.sent = list(sent)
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        received = self.sent.pop(0)
+        assert received.shape == tensor.shape and received.dtype == tensor.dtype
+        return received
+
+
+def test_every_rank_follows_rank_0s_time_based_decisions():
+    """Rank 1 measures a different cost (here: verification dear), but the cost, the trimmed
+    lengths and the model rows it acts on are rank 0's, so both ranks run the same layers."""
+    rank0 = Rank0()
+    leader = planner_with(cost=(0.010, 0.0), broadcast=rank0)
+    expected = step(leader)
+    assert expected == [[8, 9, 5, 6, 7], []]
+    assert len(rank0.sent) >= 2  # the cost, then the copied lengths
+    follower_channel = OtherRank(rank0.sent)
+    follower = planner_with(cost=(0.010, 0.010), broadcast=follower_channel)
+    assert step(follower) == expected
+    assert follower_channel.sent == [], "the ranks broadcast in the same order"
+    alone = planner_with(cost=(0.010, 0.010))
+    assert step(alone) == [[], []], "without the broadcast rank 1 would have decided otherwise"

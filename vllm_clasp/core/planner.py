@@ -1,0 +1,254 @@
+"""One verification step's drafting decisions, from plain arrays (host-free).
+
+Per step, for the requests that decode (a *row* is a request's index in the runner's input
+batch), the planner decides in this order:
+
+1. credit the previous plan: what its verification accepted per request and draft source
+   (`AcceptanceRates`), and the step's time without the model's work (`DraftBudget.observe`);
+2. prompt-lookup drafts (free to make) wherever the context repeats its last n-gram, each
+   trimmed to the prefix worth verifying;
+3. which of the other rows get a layer-skipped model draft (`DraftBudget.model_rows`), and
+   which of those are due for a DP run (`SkipSetTracker`);
+4. after the caller ran the DP and the draft passes (`record_search`, `finish`): how much of
+   every draft to verify, jointly, since they share the verification step.
+
+Seeded requests take the fixed policy (lookup where the context repeats, a model draft
+otherwise, every token verified), whatever the budget measures: their sampled output depends
+on what is drafted for them, and a seed must pin it (docs/design.md).
+
+Under tensor parallelism every rank plans on the same inputs; each decision that depends on
+measured time is passed through `broadcast` (rank 0's value everywhere), so all ranks run the
+same layers. With one rank `broadcast` is the identity.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from vllm_clasp.core.draft_budget import AcceptanceRates, DraftBudget, expected_accepted
+from vllm_clasp.core.options import ResolvedClaspOptions
+from vllm_clasp.core.prompt_lookup import prompt_lookup
+from vllm_clasp.core.skip_state import SkipSetTracker
+from vllm_clasp.core.stats import ClaspStats
+
+LOOKUP, MODEL = "lookup", "model"
+"""Draft sources, each with its own acceptance rates."""
+
+Broadcast = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _identity(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+@dataclass
+class StepInputs:
+    """What the runner knows when a verification step's output is in (row = input-batch row)."""
+
+    req_ids: Sequence[str]  # [n]
+    token_ids: np.ndarray  # [n, >= max(num_tokens)] int: each row's tokens so far
+    num_tokens: np.ndarray  # [n] int: tokens so far; the last one has no KV yet
+    num_sampled: Sequence[int]  # [n]: tokens the verification just produced (0: none)
+    max_draft: np.ndarray  # [n] int: most draft tokens the row may verify (>= 0)
+    seeded: frozenset[int] = frozenset()  # rows whose request has a seed
+    has_prefill: bool = False  # a new request's prefill ran in the step just verified
+
+
+@dataclass
+class Plan:
+    """The planner's decisions for one step before any model work."""
+
+    rows: list[int]  # rows that decode and may draft
+    copied: dict[int, np.ndarray]  # row -> prompt-lookup draft worth verifying
+    model_rows: list[int]  # rows to draft with the layer-skipped model (ascending)
+    search_rows: list[int]  # of model_rows: due for a DP run before drafting
+    cost: tuple[float, float] | None  # the verification fit decided with (None: verify all)
+    started: float = 0.0  # clock() when planning started
+    model_seconds: float = 0.0  # DP + drafting time, added by record_search / finish
+
+
+@dataclass
+class _Ledger:
+    """What a finished plan verifies, credited when the next step sees the result."""
+
+    batch_size: int
+    started: float
+    model_seconds: float
+    verified_tokens: int  # one per row + every draft token verified
+    drafted: dict[str, tuple[str, int]] = field(default_factory=dict)  # req -> (source, tokens)
+
+
+class StepPlanner:
+    def __init__(self, options: ResolvedClaspOptions, stats: ClaspStats | None = None,
+                 broadcast: Broadcast = _identity, clock: Callable[[], float] = time.perf_counter,
+                 budget: DraftBudget | None = None):
+        self.options = options
+        self.stats = stats if stats is not None else ClaspStats()
+        self.broadcast = broadcast
+        self.clock = clock
+        self.tracker = SkipSetTracker(options.loi)
+        self.acceptance = AcceptanceRates()
+        self.budget = budget or DraftBudget(enabled=options.adaptive, loi=options.loi)
+        self._ledger: _Ledger | None = None
+
+    # ------------------------------------------------------------------ request lifetime
+    def forget(self, req_ids: Iterable[str] | None) -> None:
+        """Drop finished or preempted requests' state (a resumed request is searched anew)."""
+        req_ids = list(req_ids or ())
+        self.tracker.drop(req_ids)
+        self.acceptance.drop(req_ids)
+        self.stats.tracked_requests = len(self.tracker)
+
+    def retain(self, live: Iterable[str]) -> None:
+        """Drop the state of every request not in `live` (gone without being reported)."""
+        live = set(live)
+        if len(self.tracker) > len(live):
+            self.tracker.retain(live)
+        if len(self.acceptance) > len(live):
+            self.acceptance.retain(live)
+        self.stats.tracked_requests = len(self.tracker)
+
+    # ------------------------------------------------------------------ planning
+    def plan(self, step: StepInputs) -> Plan | None:
+        """Credit the last plan, then decide lookups and model rows; None: nobody decodes."""
+        rows = [i for i, n in enumerate(step.num_sampled[: len(step.req_ids)])
+                if n and step.max_draft[i] > 0]
+        self._credit(step, len(rows))
+        if not rows:
+            return None
+        started = self.clock()
+        cost = self._step_cost(len(rows))
+        copied = self._lookups(step, rows, cost)
+        candidates = [i for i in rows if i not in copied]
+        model_rows = self._model_rows(step, cost, candidates, copied, len(rows))
+        # LOI counts the steps a request drafted with its skip set; steps without model drafts
+        # would otherwise make every occasional model draft pay for a DP run.
+        self.tracker.record_verification(step.req_ids[i] for i in model_rows)
+        search_rows = [i for i in model_rows if self.tracker.is_due(step.req_ids[i])]
+        return Plan(rows, copied, model_rows, search_rows, cost, started)
+
+    def record_search(self, plan: Plan, step: StepInputs, masks: torch.Tensor,
+                      seconds: float) -> None:
+        """The DP chose `masks` [len(plan.search_rows), L] bool for plan.search_rows."""
+        changed = [self.tracker.update(step.req_ids[i], mask)
+                   for i, mask in zip(plan.search_rows, masks)]
+        self.stats.record_search(masks, changed, seconds)
+        self.budget.observe_search(len(plan.search_rows), seconds)
+        plan.model_seconds += seconds
+
+    def skip_masks(self, plan: Plan, step: StepInputs) -> torch.Tensor:
+        """[len(plan.model_rows), L] bool: each model row's skip set."""
+        return torch.stack([self.tracker.skip_mask(step.req_ids[i]) for i in plan.model_rows])
+
+    def finish(self, plan: Plan, step: StepInputs, made: dict[int, np.ndarray],
+               seconds: float) -> list[list[int]]:
+        """Per row of the batch, the draft tokens to verify. `made`: row -> the model's draft
+        (for plan.model_rows, drafted in `seconds`); verified jointly with the copies."""
+        copied = plan.copied
+        if made:
+            lengths = [len(made[i]) for i in plan.model_rows]
+            self.stats.record_drafts(self.skip_masks(plan, step), lengths, seconds)
+            self.budget.observe_model(len(plan.rows), lengths, seconds)
+            plan.model_seconds += seconds
+            kept = self._trim(step, plan.cost, {**copied, **made},
+                              {**dict.fromkeys(copied, LOOKUP), **dict.fromkeys(made, MODEL)})
+            copied = {i: kept[i] for i in copied if i in kept}
+            made = {i: kept[i] for i in made if i in kept}
+        plan.copied = copied  # what was kept: the caller hands q = a point mass for these
+        drafts: list[list[int]] = [[] for _ in step.req_ids]
+        for i, draft in [*copied.items(), *made.items()]:
+            drafts[i] = draft.tolist()
+        self.stats.record_prompt_lookup(len(copied), sum(len(d) for d in copied.values()))
+        undrafted = sum(1 for i in plan.rows if not drafts[i])
+        if undrafted:
+            self.stats.record_undrafted(undrafted, whole_step=undrafted == len(plan.rows))
+        self._ledger = _Ledger(
+            batch_size=len(plan.rows), started=plan.started, model_seconds=plan.model_seconds,
+            verified_tokens=len(plan.rows) + sum(len(drafts[i]) for i in plan.rows),
+            drafted={step.req_ids[i]: (LOOKUP if i in copied else MODEL, len(drafts[i]))
+                     for i in plan.rows if drafts[i]},
+        )
+        return drafts
+
+    # ------------------------------------------------------------------ the decisions
+    def _credit(self, step: StepInputs, num_rows: int) -> None:
+        """Credit what this verification produced to the previous plan's decisions."""
+        last, self._ledger = self._ledger, None
+        if last is None:
+            return
+        index = {req_id: i for i, req_id in enumerate(step.req_ids)}
+        for req_id, (source, drafted) in last.drafted.items():
+            i = index.get(req_id)
+            if i is not None and i < len(step.num_sampled) and step.num_sampled[i]:
+                accepted = step.num_sampled[i] - 1  # the last one is the bonus/correction
+                self.acceptance.observe(req_id, source, drafted, accepted)
+        if step.has_prefill or num_rows != last.batch_size:
+            return  # a prefill in the step, or a changed batch, would distort its time
+        seconds = self.clock() - last.started
+        self.budget.observe(last.batch_size, last.verified_tokens,
+                            max(seconds - last.model_seconds, 0.0))
+
+    def _step_cost(self, batch_size: int) -> tuple[float, float] | None:
+        """This step's verification cost model, rank 0's on every rank; None: verify every
+        candidate token (no fit yet, an exploration step, or adaptivity off)."""
+        cost = self.budget.start_step(batch_size)
+        shared = self.broadcast(torch.tensor(
+            [0.0, 0.0, 0.0] if cost is None else [1.0, *cost], dtype=torch.float64))
+        return (float(shared[1]), float(shared[2])) if shared[0] else None
+
+    def _lookups(self, step: StepInputs, rows: list[int],
+                 cost: tuple[float, float] | None) -> dict[int, np.ndarray]:
+        """Prompt-lookup drafts, verified as far as their measured acceptance pays."""
+        options = self.options
+        if not options.prompt_lookup_max:
+            return {}
+        found = {}
+        for i in rows:
+            draft = prompt_lookup(step.token_ids[i, : step.num_tokens[i]],
+                                  options.prompt_lookup_max, options.prompt_lookup_min,
+                                  int(step.max_draft[i]))
+            if len(draft):
+                found[i] = draft
+        return self._trim(step, cost, found, dict.fromkeys(found, LOOKUP))
+
+    def _model_rows(self, step: StepInputs, cost, candidates: list[int],
+                    copied: dict[int, np.ndarray], num_rows: int) -> list[int]:
+        """The rows of `candidates` worth a model draft, rank 0's choice on every rank;
+        seeded rows always."""
+        seeded = [i for i in candidates if i in step.seeded]
+        free = [i for i in candidates if i not in step.seeded]
+        if not free or not self.budget.enabled:
+            return sorted(seeded + free)
+        rate = self.acceptance.rate
+        gains = [expected_accepted(rate(step.req_ids[i], MODEL), self.budget.model_draft_length)
+                 for i in free]
+        expected = seconds = 1.0
+        if cost is not None:
+            fixed, per_token = cost
+            expected = num_rows + sum(
+                expected_accepted(rate(step.req_ids[i], LOOKUP), len(draft))
+                for i, draft in copied.items())
+            seconds = fixed + per_token * (num_rows + sum(len(d) for d in copied.values()))
+        chosen = self.budget.model_rows(cost, gains, expected, seconds)
+        chosen = self.broadcast(torch.tensor(chosen)).tolist()
+        return sorted(seeded + [i for i, keep in zip(free, chosen) if keep])
+
+    def _trim(self, step: StepInputs, cost, candidates: dict[int, np.ndarray],
+              sources: dict[int, str]) -> dict[int, np.ndarray]:
+        """The prefix of each row's draft worth verifying (seeded rows: all of it); rows left
+        with none are dropped. Keeps the order of `candidates`."""
+        order = [i for i, draft in candidates.items() if len(draft) and i not in step.seeded]
+        lengths = {i: len(draft) for i, draft in candidates.items()}
+        if cost is not None and order:
+            chosen = self.budget.lengths(
+                cost, [lengths[i] for i in order],
+                [self.acceptance.rate(step.req_ids[i], sources[i]) for i in order])
+            chosen = self.broadcast(torch.tensor(chosen, dtype=torch.long)).tolist()
+            self.stats.record_unverified(sum(lengths[i] for i in order) - sum(chosen))
+            lengths.update(zip(order, chosen))
+        return {i: draft[: lengths[i]] for i, draft in candidates.items() if lengths[i] > 0}

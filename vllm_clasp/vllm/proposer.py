@@ -1,0 +1,155 @@
+"""`ClaspProposer`: the adapter between vLLM's V1 model runner and CLaSp's host-free core.
+
+After each verification step the patched runner (`patches.py`) calls `propose_for_runner`
+with itself; the adapter
+
+1. reads the runner's state into plain arrays (`core.planner.StepInputs`);
+2. asks the planner for the step's plan: prompt-lookup drafts, which requests get a
+   layer-skipped model draft, which of those are due for a DP run;
+3. runs the DP and the draft passes the plan asks for (`skip_forward.SkipForward`);
+4. lets the planner decide how much of each draft to verify, and returns the drafts plus,
+   for sampled batches, the draft probabilities q [n, K, V] for vLLM's rejection sampler.
+
+The adapter holds no runner; the patch writes what it returns into the runner.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from vllm_clasp.core.planner import Plan, StepInputs, StepPlanner
+from vllm_clasp.core.stats import ClaspStats
+from vllm_clasp.vllm.collective import tp_broadcast
+from vllm_clasp.vllm.decoder_stack import DecoderStack
+from vllm_clasp.vllm.skip_forward import SkipForward
+
+logger = logging.getLogger("vllm.clasp.proposer")  # covered by vLLM's logging setup
+
+
+class ClaspProposer:
+    def __init__(self, vllm_config):
+        spec = vllm_config.speculative_config
+        self.vllm_config = vllm_config
+        self.num_speculative_tokens = spec.num_speculative_tokens
+        self.options = spec.clasp_options()
+        self.max_model_len = vllm_config.model_config.max_model_len
+        self.vocab_size = vllm_config.model_config.get_vocab_size()
+        self.tp_size = vllm_config.parallel_config.tensor_parallel_size
+        self.device: torch.device | None = None  # the runner's, known at the first step
+        self.stats = ClaspStats()
+        self.planner: StepPlanner | None = None
+        self.forward: SkipForward | None = None
+
+    # The custom_class factory vLLM uses to build us checks for a callable `propose`.
+    def propose(self, *args, **kwargs):
+        raise RuntimeError("ClaspProposer is driven by propose_for_runner (see patches.py)")
+
+    def load_model(self, model) -> None:
+        stack = DecoderStack(model)
+        resolved = self.options.resolve(stack.num_layers, self.vocab_size)
+        draft_vocab = self.vocab_size
+        if resolved.draft_vocab_size < self.vocab_size and stack.use_draft_vocab(
+            resolved.draft_vocab_size
+        ):
+            draft_vocab = resolved.draft_vocab_size
+        self.planner = StepPlanner(resolved, self.stats, broadcast=self._broadcast)
+        self.forward = SkipForward(stack, self.vllm_config, resolved,
+                                   self.num_speculative_tokens, broadcast=self._broadcast)
+        logger.info(
+            "CLaSp: drafting with the target's own %d layers, skipping %d per request "
+            "(never skipped: %s), K=%d, LOI=%d, draft-exit threshold %.2f, draft vocab %s",
+            stack.num_layers, resolved.num_skip,
+            [i for i, never in enumerate(resolved.never_skip) if never],
+            self.num_speculative_tokens, resolved.loi, resolved.draft_exit_threshold,
+            draft_vocab,
+        )
+
+    def forget(self, scheduler_output) -> None:
+        """Drop the state of requests that finished or were preempted. Called at the start
+        of every step (patched `execute_model`), also the step that only reports the last
+        requests finished and drafts nothing, so an idle engine holds no CLaSp state."""
+        if self.planner is None:
+            return
+        for gone in (scheduler_output.finished_req_ids, scheduler_output.preempted_req_ids):
+            self.planner.forget(gone)
+
+    def take_metrics(self) -> dict:
+        """CLaSp's counters changed since the last call (`ClaspStats.take_delta`)."""
+        return self.stats.take_delta()
+
+    # ------------------------------------------------------------------ the runner's entry
+    @torch.inference_mode()
+    def propose_for_runner(self, runner, scheduler_output, sampled_token_ids: list[list[int]]
+                           ) -> tuple[list[list[int]], torch.Tensor | None]:
+        """(draft tokens per input-batch row, q [n, K, V] float32 for sampled batches)."""
+        self.device = runner.device
+        self.forward.bind(runner)
+        self.planner.retain(runner.requests.keys())
+        step = self._step_inputs(runner, scheduler_output, sampled_token_ids)
+        plan = self.planner.plan(step)
+        if plan is None:
+            return [[] for _ in step.req_ids], None
+        made, probs, seconds = {}, None, 0.0
+        if plan.model_rows:
+            if plan.search_rows:
+                started = time.perf_counter()
+                masks = self.forward.search(plan.search_rows, step.token_ids, step.num_tokens)
+                self.planner.record_search(plan, step, masks, time.perf_counter() - started)
+            made, probs, seconds = self._model_drafts(runner, plan, step)
+        drafts = self.planner.finish(plan, step, made, seconds)
+        draft_probs = None
+        if not runner.input_batch.sampling_metadata.all_greedy:
+            draft_probs = self._draft_probs(len(step.req_ids), plan, probs)
+        self.stats.maybe_log(len(self.planner.tracker))
+        return drafts, draft_probs
+
+    def _step_inputs(self, runner, scheduler_output, sampled_token_ids) -> StepInputs:
+        batch = runner.input_batch
+        req_ids = list(batch.req_ids)
+        n = len(req_ids)
+        num_tokens = batch.num_tokens_no_spec[:n]  # [n]
+        num_sampled = [len(s) for s in sampled_token_ids[:n]]
+        return StepInputs(
+            req_ids=req_ids, token_ids=batch.token_ids_cpu, num_tokens=num_tokens,
+            num_sampled=num_sampled + [0] * (n - len(num_sampled)),
+            max_draft=np.minimum(self.num_speculative_tokens, self.max_model_len - num_tokens),
+            seeded=frozenset(batch.sampling_metadata.generators or ()),
+            has_prefill=bool(scheduler_output.scheduled_new_reqs),
+        )
+
+    def _model_drafts(self, runner, plan: Plan, step: StepInputs):
+        """Layer-skipped drafts for plan.model_rows: ({row: tokens}, q or None, seconds)."""
+        started = time.perf_counter()
+        rows = np.asarray(plan.model_rows)
+        num_tokens = step.num_tokens[rows].astype(np.int64)  # [R]
+        tokens, probs, lengths = self.forward.draft(
+            torch.from_numpy(rows.astype(np.int64)),
+            torch.from_numpy(step.token_ids[rows, num_tokens - 1].astype(np.int64)),
+            torch.from_numpy(num_tokens), torch.from_numpy(step.max_draft[rows].astype(np.int64)),
+            self.planner.skip_masks(plan, step), runner.input_batch.sampling_metadata,
+            self.stats,
+        )
+        made = {i: tokens[r, : lengths[r]].numpy() for r, i in enumerate(plan.model_rows)}
+        return made, probs, time.perf_counter() - started
+
+    def _draft_probs(self, n: int, plan: Plan, probs: torch.Tensor | None) -> torch.Tensor:
+        """q [n, K, vocab] for the rejection sampler: the model's draft distributions, and a
+        point mass for each copied draft (it is deterministic)."""
+        full = torch.zeros(n, self.num_speculative_tokens, self.vocab_size,
+                           dtype=torch.float32, device=self.device)
+        if probs is not None:
+            full[torch.tensor(plan.model_rows, device=self.device), :, : probs.shape[-1]] = probs
+        for i, draft in plan.copied.items():
+            full[i, torch.arange(len(draft), device=self.device),
+                 torch.from_numpy(draft.astype(np.int64)).to(self.device)] = 1.0
+        return full
+
+    def _broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rank 0's value on every tensor-parallel rank (identity with one rank)."""
+        if self.tp_size == 1:
+            return tensor
+        return tp_broadcast(tensor, self.device)

@@ -1,0 +1,185 @@
+"""The DP and the layer-skipped draft passes, on vLLM's paged KV cache.
+
+`SkipForward.search` re-runs each due request's last accepted token through the full stack
+(read-only on the KV cache: its layers are left out of the slot mapping) and lets
+`core.optimizer.search_skip_sets` pick the skip set, all requests' candidates of a layer in one
+call (paper §3.2). `SkipForward.draft` drafts up to K tokens per request with its own skip
+set: per draft step each layer runs once on the rows that keep it, writing their K/V into the
+lookahead slots the scheduler reserved (the next verification overwrites them); a row stops
+when its draft's top-1 probability falls under the draft-exit threshold (paper §3.3).
+
+Under tensor parallelism the chosen masks and each draft step's tokens are broadcast from
+rank 0, so every rank runs identical layer calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from vllm_clasp.core.draft_sampling import sample_draft_tokens
+from vllm_clasp.core.optimizer import search_skip_sets
+from vllm_clasp.core.options import ResolvedClaspOptions
+from vllm_clasp.core.stats import ClaspStats
+from vllm_clasp.vllm.decoder_stack import DecoderStack
+from vllm_clasp.vllm.paged_rows import PagedRows
+
+
+class SkipForward:
+    def __init__(self, stack: DecoderStack, vllm_config, options: ResolvedClaspOptions,
+                 num_speculative_tokens: int,
+                 broadcast: Callable[[torch.Tensor], torch.Tensor]):
+        self.stack = stack
+        self.vllm_config = vllm_config
+        self.options = options
+        self.num_speculative_tokens = num_speculative_tokens
+        self.broadcast = broadcast
+        self.never_skip = torch.tensor(options.never_skip)  # [L] bool
+        self.rows: PagedRows | None = None  # built from the runner at the first step
+
+    def bind(self, runner) -> None:
+        if self.rows is None:
+            self.rows = PagedRows(runner)
+
+    # ------------------------------------------------------------------ DP
+    def search(
+        self,
+        batch_rows: list[int],  # [B] input-batch rows due for a DP run
+        token_ids: np.ndarray,  # [n, >= max(num_tokens)] the batch's tokens
+        num_tokens: np.ndarray,  # [n] tokens so far per row
+    ) -> torch.Tensor:  # [B, L] bool skip masks, rank 0's on every rank
+        """Skip masks from each row's last accepted token's trajectory."""
+        stack, rows = self.stack, self.rows
+        last = num_tokens[batch_rows] - 2  # position of the last accepted (cached) token
+        positions = torch.from_numpy(last.astype(np.int64))  # [B]
+        row_index = torch.tensor(batch_rows, dtype=torch.long)  # [B]
+        tokens = torch.from_numpy(token_ids[batch_rows, last].astype(np.int64))  # [B]
+
+        def run(layer: int, states: torch.Tensor, req_rows: torch.Tensor) -> torch.Tensor:
+            req_rows_cpu = req_rows.cpu()
+            metadata, positions_dev, _ = rows.build(
+                row_index[req_rows_cpu], positions[req_rows_cpu], stack.attention_names[layer]
+            )
+            with self._forward_context(metadata, len(req_rows_cpu), slot_mapping={}):
+                return stack.run_layer(layer, positions_dev, states)
+
+        # Only h_0 is given: each layer's call also carries the B trajectory rows, so the
+        # full-model trajectory and the candidates share one call per layer.
+        embeddings = stack.embed(tokens.to(rows.device))  # [B, d]
+        search = search_skip_sets(
+            embeddings.unsqueeze(0), run, max_skip=self.options.num_skip,
+            never_skip=self.never_skip, num_layers=stack.num_layers,
+        )
+        masks = search.skip_mask(self.options.num_skip).cpu()  # [B, L]
+        return self.broadcast(masks)
+
+    # ------------------------------------------------------------------ drafting
+    def draft(
+        self,
+        batch_rows: torch.Tensor,  # [R] int64: rows of the runner's input batch
+        last_tokens: torch.Tensor,  # [R] int64: each row's last token (no KV yet)
+        num_tokens: torch.Tensor,  # [R] int64: tokens so far
+        max_draft: torch.Tensor,  # [R] int64 (>= 1): most tokens each row may draft
+        skip: torch.Tensor,  # [R, L] bool
+        sampling,  # the runner's SamplingMetadata: temperature [n], generators by row
+        stats: ClaspStats,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
+        """(tokens [R, K] int64, q [R, K, V'] float32 or None when all greedy, lengths [R]).
+
+        Each draft step runs the active rows' kept layers on one token each; a row stops
+        after its draft's top-1 probability falls under the threshold, or at max_draft."""
+        R = len(batch_rows)
+        temperature = None if sampling.all_greedy else sampling.temperature  # [n] device
+        threshold = self.options.draft_exit_threshold
+        current = last_tokens.to(self.rows.device)  # [R]
+        out_tokens = torch.zeros(R, self.num_speculative_tokens, dtype=torch.long)
+        out_probs = None  # [R, K, V'] once a sampled row drafts
+        lengths = [0] * R
+        active = torch.arange(R)  # rows still drafting (CPU)
+        keep = ~skip  # [R, L]
+        for step in range(int(max_draft.max())):
+            new_tokens, confidence, probs = self._draft_step(
+                batch_rows[active], num_tokens[active] - 1 + step, keep[active],
+                current[active.to(self.rows.device)], temperature, sampling.generators or {},
+            )
+            out_tokens[active, step] = new_tokens
+            if temperature is not None:
+                if out_probs is None:
+                    out_probs = probs.new_zeros(R, self.num_speculative_tokens, probs.shape[-1])
+                out_probs[active.to(probs.device), step] = probs
+            for row in active.tolist():
+                lengths[row] = step + 1
+            stats.record_exits(int((confidence < threshold).sum()))
+            current[active.to(self.rows.device)] = new_tokens.to(self.rows.device)
+            active = active[(confidence >= threshold) & (max_draft[active] > step + 1)]
+            if len(active) == 0:
+                break
+        return out_tokens, out_probs, lengths
+
+    def _draft_step(
+        self,
+        batch_rows: torch.Tensor,  # [A] int64: input-batch rows still drafting
+        positions: torch.Tensor,  # [A] int64: the position each row drafts from
+        keep: torch.Tensor,  # [A, L] bool: layers each row runs
+        tokens: torch.Tensor,  # [A] int64 (device): each row's current token
+        temperature: torch.Tensor | None,  # [n] float32 (device), None when all greedy
+        generators: dict,  # input-batch row -> torch.Generator (seeded requests)
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One draft token per row: (tokens [A] int64, top-1 probs [A], q [A, V'])."""
+        stack = self.stack
+        metadata, slots, plan = self._layer_plan(batch_rows, positions, keep)
+        stream = stack.embed(tokens)  # [A, d]
+        with self._forward_context(metadata, len(batch_rows), slot_mapping=slots):
+            for layer, (sub, positions_dev) in plan.items():
+                if sub is None:
+                    stream = stack.run_layer(layer, positions_dev, stream)
+                else:
+                    stream[sub] = stack.run_layer(layer, positions_dev, stream[sub])
+        logits = stack.draft_logits(stack.final_norm(stream))  # [A, V']
+        rows_temperature = (None if temperature is None
+                            else temperature[batch_rows.to(temperature.device)])
+        row_generators = {a: generators[row] for a, row in enumerate(batch_rows.tolist())
+                          if row in generators}
+        sample = sample_draft_tokens(logits, rows_temperature, row_generators)
+        decided = torch.stack([sample.token_ids.double(), sample.top1_prob.double()]).cpu()
+        decided = self.broadcast(decided)  # [2, A]: tokens and confidences, one sync
+        return decided[0].long(), decided[1], sample.probs
+
+    def _layer_plan(
+        self,
+        batch_rows: torch.Tensor,  # [A] int64: input-batch rows drafting this step
+        positions: torch.Tensor,  # [A] int64: their query positions
+        keep: torch.Tensor,  # [A, L] bool: layer runs for that row
+    ):
+        """Attention metadata and slots per layer, built once per distinct row subset.
+
+        Returns (metadata by layer name, slots by layer name, {layer: (rows or None, positions)})
+        in layer order; rows is None when every active row runs the layer.
+        """
+        stack, rows = self.stack, self.rows
+        layers_by_subset: dict[bytes, list[int]] = {}
+        for layer in range(stack.num_layers):
+            column = keep[:, layer]
+            if bool(column.any()):
+                layers_by_subset.setdefault(column.numpy().tobytes(), []).append(layer)
+        metadata, slots, plan = {}, {}, {}
+        for layers in layers_by_subset.values():
+            column = keep[:, layers[0]]
+            sub = column.nonzero().squeeze(1)  # [A'] indices into the active rows
+            names = [stack.all_attention_names[layer] for layer in layers]
+            built, positions_dev, slot = rows.build(batch_rows[sub], positions[sub], names)
+            metadata.update(built)
+            slots.update(dict.fromkeys(names, slot))
+            whole = len(sub) == len(batch_rows)
+            for layer in layers:
+                plan[layer] = (None if whole else sub.to(rows.device), positions_dev)
+        return metadata, slots, dict(sorted(plan.items()))
+
+    def _forward_context(self, metadata, num_tokens: int, slot_mapping):
+        from vllm.forward_context import set_forward_context
+
+        return set_forward_context(
+            metadata, self.vllm_config, num_tokens=num_tokens, slot_mapping=slot_mapping
+        )
