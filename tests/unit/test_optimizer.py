@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vllm_clasp.core.optimizer import SkipSearch, plan_layer_calls, resolve_num_skip, search_skip_sets
+from vllm_clasp.core.optimizer import SkipSearch, plan_layer_calls, search_skip_sets
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -268,29 +268,6 @@ def test_edge_cases():
     # B = 1 and a single-layer model.
     res = search_skip_sets(traj[:2, :1], lambda i, s, r: run_layer(i, s, r), max_skip=1)
     assert torch.equal(res.skip_mask(1), torch.tensor([[True]]))
-
-
-def test_resolve_num_skip():
-    assert resolve_num_skip(30, None, count=15, ratio=None) == 15
-    assert resolve_num_skip(30, None, count=None, ratio=0.5) == 15
-    assert resolve_num_skip(30, [0, 29], count=None, ratio=0.5) == 15  # ratio of ALL layers
-    assert resolve_num_skip(7, None, count=None, ratio=0.5) == 4  # 3.5 rounds half up
-    assert resolve_num_skip(30, None, count=0, ratio=None) == 0
-    assert resolve_num_skip(30, [0, 29], count=28, ratio=None) == 28
-    with pytest.raises(ValueError, match="skippable"):
-        resolve_num_skip(30, [0, 29], count=29, ratio=None)
-    with pytest.raises(ValueError, match="skippable"):
-        resolve_num_skip(4, [0, 1, 2], count=None, ratio=0.5)
-    with pytest.raises(ValueError, match="exactly one"):
-        resolve_num_skip(30, None, count=3, ratio=0.5)
-    with pytest.raises(ValueError, match="exactly one"):
-        resolve_num_skip(30, None, count=None, ratio=None)
-    for bad in (-1, 1.5):
-        with pytest.raises(ValueError):
-            resolve_num_skip(30, None, count=bad, ratio=None)
-    for bad in (-0.1, 1.1):
-        with pytest.raises(ValueError):
-            resolve_num_skip(30, None, count=None, ratio=bad)
 
 
 def test_bfloat16_states():

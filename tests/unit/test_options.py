@@ -318,6 +318,29 @@ def test_resolve_ratio_rounding(ratio, num_layers, expected):
     assert resolved.num_skip == expected
 
 
+@pytest.mark.parametrize(
+    "knobs, num_layers, expected",
+    [
+        ({"skip_layers": 15}, 30, 15),
+        ({"skip_ratio": 0.5}, 30, 15),
+        ({"skip_ratio": 0.5, "never_skip": [0, 29]}, 30, 15),  # a ratio of ALL layers
+        ({"skip_ratio": 0.5}, 7, 4),  # 3.5 -> 4 (half to even: 4 is even)
+        ({"skip_ratio": 0.5}, 9, 4),  # 4.5 -> 4 (half to even), the one skip-count rule
+        ({"skip_layers": 0}, 30, 0),
+        ({"skip_layers": 28, "never_skip": [0, 29]}, 30, 28),
+    ],
+)
+def test_the_one_skip_count_rule(knobs, num_layers, expected):
+    """The engine, the benchmark and the docs use options.resolve (moved here from the
+    optimizer's own resolve_num_skip, which rounded half up: 9 layers at 0.5 gave 5)."""
+    assert ClaspOptions(**knobs).resolve(num_layers, 100).num_skip == expected
+
+
+def test_skip_count_beyond_the_skippable_layers_is_an_error():
+    with pytest.raises(ValueError, match="skippable"):
+        ClaspOptions(skip_layers=29, never_skip=[0, 29]).resolve(30, 100)
+
+
 def test_resolve_zero_ratio_and_one_layer_model():
     assert ClaspOptions(skip_ratio=0).resolve(30, 100).num_skip == 0
     # One layer: default never-skip (0, -1) are the same layer; nothing is skippable.

@@ -60,7 +60,6 @@ S = [True, False, False] when EXEC wins at steps 2 and 3.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -72,7 +71,6 @@ __all__ = [
     "SkipSearch",
     "search_skip_sets",
     "plan_layer_calls",
-    "resolve_num_skip",
     "normalize_never_skip",
 ]
 
@@ -152,27 +150,6 @@ def normalize_never_skip(num_layers: int, never_skip=None, device=None) -> torch
     if mask.shape != (L,):
         raise ValueError(f"never_skip mask must have shape [{L}], got {tuple(mask.shape)}")
     return mask
-
-
-def resolve_num_skip(num_layers: int, never_skip=None, count: int | None = None,
-                     ratio: float | None = None) -> int:
-    """Number of layers to skip, M: ``count``, or ``round(ratio * num_layers)`` (a ratio of ALL layers)."""
-    if (count is None) == (ratio is None):
-        raise ValueError("give exactly one of count (number of layers to skip) or ratio (fraction of all layers)")
-    if count is not None:
-        if isinstance(count, bool) or int(count) != count or count < 0:
-            raise ValueError(f"skip count must be a non-negative integer, got {count!r}")
-        m = int(count)
-    else:
-        if not 0.0 <= float(ratio) <= 1.0:
-            raise ValueError(f"skip ratio must lie in [0, 1], got {ratio!r}")
-        m = int(math.floor(float(ratio) * num_layers + 0.5))
-    skippable = num_layers - int(normalize_never_skip(num_layers, never_skip).sum())
-    if m > skippable:
-        how = f"count {count}" if count is not None else f"ratio {ratio} x {num_layers} layers"
-        raise ValueError(f"cannot skip {m} layers ({how}): only {skippable} of {num_layers} layers are "
-                         f"skippable after never_skip")
-    return m
 
 
 def plan_layer_calls(num_layers: int, max_skip: int, never_skip=None,

@@ -3,17 +3,10 @@
 Host-free: this module is what `docs/configuration.md` documents and what the vLLM config
 subclass (`vllm_clasp.vllm.config`) validates against. Every knob is optional.
 
-Keys in `--speculative-config` JSON (besides vLLM's `method` and `num_speculative_tokens`):
-
-  clasp_skip_layers            int >= 0     number of decoder layers the draft skips (M)
-  clasp_skip_ratio             0 <= r < 1   M as a fraction of all layers (default 0.3)
-  clasp_loi                    int >= 1     re-run the DP every LOI verification steps
-  clasp_draft_exit_threshold   0 <= t < 1   stop drafting when the draft's top-1 prob < t
-  clasp_never_skip             list[int]    layers that always run (default: first and last)
-  clasp_draft_vocab_size       int >= 0     draft head over the first N token ids (0: all)
-  clasp_prompt_lookup_max      int >= 0     longest n-gram for prompt-lookup drafts (5; 0: off)
-  clasp_prompt_lookup_min      int >= 1     shortest n-gram for prompt-lookup drafts
-  clasp_adaptive               bool         verify/draft only what measures worth it
+The knob table is `ClaspOptions`: each field is the knob `clasp_<field>` in
+`--speculative-config` JSON, with its default and meaning in the field's docstring. The vLLM
+config subclass declares the same `clasp_*` fields and docs/configuration.md tabulates them;
+tests check both against this class (`knob_names()`).
 """
 
 from __future__ import annotations
@@ -30,6 +23,18 @@ DEFAULT_PROMPT_LOOKUP_MAX = 5
 DEFAULT_PROMPT_LOOKUP_MIN = 3
 
 KNOB_PREFIX = "clasp_"
+METHOD = "clasp"
+"""The speculative method's name in vLLM's config."""
+
+
+def is_clasp(speculative_config) -> bool:
+    """Whether a vLLM speculative config (or None) asks for CLaSp: the one place that says."""
+    return speculative_config is not None and getattr(speculative_config, "method", None) == METHOD
+
+
+def knob_names() -> list[str]:
+    """Every knob's key in the speculative-config JSON, in the table's order."""
+    return [KNOB_PREFIX + f.name for f in dataclasses.fields(ClaspOptions)]
 
 
 @dataclass(frozen=True)

@@ -599,16 +599,17 @@ def _measure(options, engines, questions, prompts, errors) -> tuple[list[dict], 
 
 
 def _timed_call(llm, name, params, prompts, questions, bs, rnd, start):
-    is_clasp = (getattr(llm.llm_engine.vllm_config.speculative_config, "method", None)
-                == "clasp")
+    from vllm_clasp.core.options import is_clasp
+
+    clasp = is_clasp(llm.llm_engine.vllm_config.speculative_config)
     time.sleep(SETTLE_S)
     spec0 = spec_counters(llm)
-    clasp0 = _rpc(llm, _read_clasp_stats) if is_clasp else None
+    clasp0 = _rpc(llm, _read_clasp_stats) if clasp else None
     t0 = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     wall = time.perf_counter() - t0
     spec1 = spec_counters(llm)
-    clasp1 = _rpc(llm, _read_clasp_stats) if is_clasp else None
+    clasp1 = _rpc(llm, _read_clasp_stats) if clasp else None
     tokens = [list(o.outputs[0].token_ids) for o in outputs]
     call = {
         "method": name, "batch_size": bs, "round": rnd, "batch_start": start,

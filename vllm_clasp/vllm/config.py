@@ -14,9 +14,9 @@ from pydantic import SkipValidation
 from vllm.config.speculative import SpeculativeConfig
 from vllm.config.utils import config
 
-from vllm_clasp.core.options import DEFAULT_NUM_SPECULATIVE_TOKENS, ClaspOptions
-
-CLASP_METHOD = "clasp"
+from vllm_clasp.core.options import (
+    DEFAULT_NUM_SPECULATIVE_TOKENS, METHOD as CLASP_METHOD, ClaspOptions, knob_names,
+)
 
 # Architectures whose vLLM implementation is a Llama-style stack: `model.model.layers` of
 # decoder layers called as `layer(positions, hidden_states, residual)`, `model.model.norm`,
@@ -33,8 +33,10 @@ class ClaspSpeculativeConfig(SpeculativeConfig):
     """SpeculativeConfig for CLaSp; see `vllm_clasp.core.options` for the knobs' meaning."""
 
     method: str | None = None  # type: ignore[assignment]
-    # SkipValidation: pydantic's lax coercion would turn `true` into 1 and "12" into 12 before
-    # ClaspOptions sees them; ClaspOptions validates each knob and names key and allowed range.
+    # The knob table is ClaspOptions (core/options.py); these fields mirror it one to one
+    # (tests/unit/test_spec_config.py checks). SkipValidation: pydantic's lax coercion would
+    # turn `true` into 1 and "12" into 12 before ClaspOptions sees them; ClaspOptions validates
+    # each knob and names key and allowed range.
     clasp_skip_layers: SkipValidation[int | None] = None
     clasp_skip_ratio: SkipValidation[float | None] = None
     clasp_loi: SkipValidation[int | None] = None
@@ -96,18 +98,9 @@ class ClaspSpeculativeConfig(SpeculativeConfig):
             self.draft_tensor_parallel_size = parallel.tensor_parallel_size
 
     def clasp_options(self) -> ClaspOptions:
-        knobs = {
-            "skip_layers": self.clasp_skip_layers,
-            "skip_ratio": self.clasp_skip_ratio,
-            "loi": self.clasp_loi,
-            "draft_exit_threshold": self.clasp_draft_exit_threshold,
-            "never_skip": self.clasp_never_skip,
-            "draft_vocab_size": self.clasp_draft_vocab_size,
-            "prompt_lookup_max": self.clasp_prompt_lookup_max,
-            "prompt_lookup_min": self.clasp_prompt_lookup_min,
-            "adaptive": self.clasp_adaptive,
-        }
-        return ClaspOptions(**{k: v for k, v in knobs.items() if v is not None})
+        """The knobs given (None counts as unset), validated (`ClaspOptions`)."""
+        return ClaspOptions.from_dict(
+            {k: getattr(self, k) for k in knob_names() if getattr(self, k) is not None})
 
     def __repr__(self) -> str:
         return (
@@ -125,6 +118,3 @@ def _forces_v2_runner(value: str | None) -> bool:
     except ValueError:
         return False
 
-
-def is_clasp(speculative_config) -> bool:
-    return speculative_config is not None and speculative_config.method == CLASP_METHOD

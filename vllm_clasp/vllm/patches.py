@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 
+from vllm_clasp.core.options import METHOD, is_clasp
 from vllm_clasp.vllm.patching import FieldPatch, Patch, when_imported
 
 logger = logging.getLogger(__name__)
@@ -22,8 +23,6 @@ RUNNER_MODULE = "vllm.v1.worker.gpu_model_runner"
 PROPOSER_CLASS_PATH = "vllm_clasp.vllm.proposer.ClaspProposer"
 
 
-def _is_clasp(speculative_config) -> bool:
-    return speculative_config is not None and getattr(speculative_config, "method", None) == "clasp"
 
 
 # vLLM's CLI shorthands for speculative-config keys: (flag, key, EngineArgs attribute).
@@ -41,7 +40,7 @@ def _create_speculative_config(original):
         method = raw.get("method") if isinstance(raw, dict) else None
         if method is None:
             method = getattr(self, "spec_method", None)
-        if method != "clasp" or not (raw is None or isinstance(raw, dict)):
+        if method != METHOD or not (raw is None or isinstance(raw, dict)):
             return original(self, target_model_config, target_parallel_config)
         from vllm_clasp.vllm.config import ClaspSpeculativeConfig
 
@@ -68,7 +67,7 @@ def _create_speculative_config(original):
 def _num_lookahead_tokens(original: property):
     @functools.wraps(original.fget)
     def num_lookahead_tokens(self) -> int:
-        if _is_clasp(self.speculative_config):
+        if is_clasp(self.speculative_config):
             return self.speculative_config.num_speculative_tokens
         return original.fget(self)
 
@@ -79,7 +78,7 @@ def _v2_unsupported_features(original):
     @functools.wraps(original)
     def unsupported(self) -> list[str]:
         features = original(self)
-        if _is_clasp(self.speculative_config):
+        if is_clasp(self.speculative_config):
             features.append("speculative method 'clasp'")
         return features
 
@@ -90,7 +89,7 @@ def _runner_init(original):
     @functools.wraps(original)
     def __init__(self, vllm_config, *args, **kwargs):
         spec = vllm_config.speculative_config
-        if not _is_clasp(spec):
+        if not is_clasp(spec):
             return original(self, vllm_config, *args, **kwargs)
         saved = spec.method, spec.model
         spec.method, spec.model = "custom_class", PROPOSER_CLASS_PATH
@@ -106,7 +105,7 @@ def _runner_init(original):
 def _propose_draft_token_ids(original):
     @functools.wraps(original)
     def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, *args, **kwargs):
-        if not _is_clasp(self.speculative_config):
+        if not is_clasp(self.speculative_config):
             return original(self, scheduler_output, sampled_token_ids, *args, **kwargs)
         drafts, draft_probs = self.drafter.propose_for_runner(
             self, scheduler_output, sampled_token_ids)
@@ -122,7 +121,7 @@ def _sample_tokens(original):
     @functools.wraps(original)
     def sample_tokens(self, *args, **kwargs):
         output = original(self, *args, **kwargs)
-        if output is not None and _is_clasp(self.speculative_config):
+        if output is not None and is_clasp(self.speculative_config):
             # The async variant wraps the output it will hand to the scheduler.
             target = getattr(output, "_model_runner_output", output)
             target.clasp_metrics = self.drafter.take_metrics()
@@ -134,7 +133,7 @@ def _sample_tokens(original):
 def _execute_model(original):
     @functools.wraps(original)
     def execute_model(self, scheduler_output, *args, **kwargs):
-        if not _is_clasp(self.speculative_config):
+        if not is_clasp(self.speculative_config):
             return original(self, scheduler_output, *args, **kwargs)
         self.drafter.forget(scheduler_output)
         output = original(self, scheduler_output, *args, **kwargs)
@@ -180,7 +179,7 @@ def _engine_init(original):
     def __init__(self, *args, **kwargs):
         bound = signature.bind(self, *args, **kwargs)
         config = bound.arguments["vllm_config"]
-        if _is_clasp(config.speculative_config) and bound.arguments.get("log_stats"):
+        if is_clasp(config.speculative_config) and bound.arguments.get("log_stats"):
             from vllm_clasp.vllm.metrics import ClaspStatLogger
 
             loggers = list(bound.arguments.get("stat_loggers") or [])

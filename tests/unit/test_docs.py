@@ -1,0 +1,34 @@
+"""One source for each fact the docs repeat: the knob table and the patch manifest."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+from vllm_clasp.core.options import knob_names
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+
+def test_configuration_docs_table_lists_exactly_the_knobs():
+    text = (DOCS / "configuration.md").read_text()
+    table = text[text.index("## CLaSp's knobs"):text.index("### ")]
+    documented = re.findall(r"^\| `(clasp_\w+)` \|", table, flags=re.M)
+    assert sorted(documented) == sorted(knob_names())
+
+
+def test_config_fields_mirror_the_knob_table():
+    from vllm_clasp.vllm.config import ClaspSpeculativeConfig
+
+    fields = [f.name for f in dataclasses.fields(ClaspSpeculativeConfig)
+              if f.name.startswith("clasp_")]
+    assert sorted(fields) == sorted(knob_names())
+
+
+def test_design_docs_patch_manifest_is_rendered_from_the_patches():
+    from vllm_clasp.vllm.patches import manifest
+
+    assert manifest() in (DOCS / "design.md").read_text(), (
+        "docs/design.md's patch table differs from vllm_clasp/vllm/patches.py: paste "
+        "`python -c 'from vllm_clasp.vllm.patches import manifest; print(manifest())'`")
