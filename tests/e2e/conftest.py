@@ -29,9 +29,9 @@ def chat(tokenizer, prompt: str) -> str:
 
 
 def shutdown(llm) -> None:
-    from vllm_clasp.tools.bench import _shutdown
+    from vllm_clasp.tools.engine import shutdown as shutdown_engine
 
-    _shutdown(llm)  # best effort, shared with the benchmark
+    shutdown_engine(llm)  # best effort, shared with the benchmark
 
 
 class EnginePool:
@@ -105,7 +105,7 @@ def spec_metrics(llm) -> dict[str, int]:
     Not `llm.get_metrics()`: each new `LLM` unregisters the previous engines' metrics from
     the global registry, so with several engines alive it reports only the last one built.
     """
-    from vllm_clasp.tools.bench import spec_counters
+    from vllm_clasp.tools.engine import spec_counters
 
     counters = spec_counters(llm)
     return {

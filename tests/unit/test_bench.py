@@ -1,4 +1,5 @@
-"""Tests of vllm_clasp.tools.bench without an engine: inputs, Spec-Bench arithmetic, report files."""
+"""Tests of `vllm-clasp bench` without an engine: questions, methods, Spec-Bench arithmetic,
+report files, CLI (vllm_clasp.tools: questions, methods, report, bench, cpu_env, demo)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,30 @@ from pathlib import Path
 
 import pytest
 
-from vllm_clasp.tools import bench, cpu_env, cli, demo
-from vllm_clasp.tools.bench import BASELINE, Question
+from vllm_clasp.tools import cli, cpu_env, demo
+from vllm_clasp.tools.bench import BenchOptions, options_from_args
+from vllm_clasp.tools.methods import parse_int_list, parse_methods
+from vllm_clasp.tools.questions import (
+    MT_BENCH_CATEGORIES,
+    Question,
+    load_questions,
+    resolve_questions,
+    select_questions,
+)
+from vllm_clasp.tools.report import (
+    BASELINE,
+    GROUPS,
+    acceptance_length,
+    count_identical,
+    find_row,
+    first_difference,
+    format_report,
+    mismatches,
+    speedup,
+    summarize,
+    tokens_per_step,
+    write_results,
+)
 
 SPEC_BENCH = Path(__file__).resolve().parents[3] / "shared" / "data" / "spec_bench" / "question.jsonl"
 
@@ -17,12 +40,12 @@ SPEC_BENCH = Path(__file__).resolve().parents[3] / "shared" / "data" / "spec_ben
 def write_questions(path: Path) -> Path:
     lines = []
     qid = 0
-    for category in bench.MT_BENCH_CATEGORIES:
+    for category in MT_BENCH_CATEGORIES:
         for i in range(3):
             qid += 1
             lines.append({"question_id": qid, "category": category,
                           "turns": [f"{category} {i}", "second turn"]})
-    for group in bench.GROUPS[1:]:
+    for group in GROUPS[1:]:
         for i in range(4):
             qid += 1
             lines.append({"question_id": qid, "category": group, "turns": [f"{group} {i}"]})
@@ -34,29 +57,29 @@ def write_questions(path: Path) -> Path:
 
 
 def test_load_questions_groups_mt_bench_categories(tmp_path):
-    questions = bench.load_questions(write_questions(tmp_path / "q.jsonl"))
+    questions = load_questions(write_questions(tmp_path / "q.jsonl"))
     assert len(questions) == 8 * 3 + 5 * 4
-    assert {q.group for q in questions} == set(bench.GROUPS)
+    assert {q.group for q in questions} == set(GROUPS)
     writing = next(q for q in questions if q.category == "writing")
     assert writing.group == "mt_bench" and writing.text == "writing 0"  # first turn only
 
 
 def test_select_per_category_offset_and_round_robin(tmp_path):
-    questions = bench.load_questions(write_questions(tmp_path / "q.jsonl"))
-    chosen = bench.select_questions(questions, ["mt_bench", "qa"], per_category=3)
+    questions = load_questions(write_questions(tmp_path / "q.jsonl"))
+    chosen = select_questions(questions, ["mt_bench", "qa"], per_category=3)
     assert [q.group for q in chosen] == ["mt_bench"] * 3 + ["qa"] * 3
     # mt_bench round-robin over its categories: writing, roleplay, reasoning, ...
     assert [q.text for q in chosen[:3]] == ["writing 0", "roleplay 0", "reasoning 0"]
     assert [q.text for q in chosen[3:]] == ["qa 0", "qa 1", "qa 2"]
-    later = bench.select_questions(questions, ["mt_bench", "qa"], per_category=2, offset=8)
+    later = select_questions(questions, ["mt_bench", "qa"], per_category=2, offset=8)
     # mt_bench index 8 starts the second lap; qa has only 4 questions, none after offset 8.
     assert [q.text for q in later] == ["writing 1", "roleplay 1"]
 
 
 def test_offset_halves_are_disjoint(tmp_path):
-    questions = bench.load_questions(write_questions(tmp_path / "q.jsonl"))
-    first = bench.select_questions(questions, bench.GROUPS, per_category=2)
-    second = bench.select_questions(questions, bench.GROUPS, per_category=2, offset=2)
+    questions = load_questions(write_questions(tmp_path / "q.jsonl"))
+    first = select_questions(questions, GROUPS, per_category=2)
+    second = select_questions(questions, GROUPS, per_category=2, offset=2)
     assert len(first) == len(second) == 12
     assert not {q.question_id for q in first} & {q.question_id for q in second}
 
@@ -65,30 +88,30 @@ def test_bad_question_line_names_file_and_line(tmp_path):
     path = tmp_path / "q.jsonl"
     path.write_text('{"question_id": 1, "category": "qa", "turns": ["x"]}\n{"oops": 1}\n')
     with pytest.raises(ValueError, match=r"q.jsonl:2"):
-        bench.load_questions(path)
+        load_questions(path)
 
 
 @pytest.mark.skipif(not SPEC_BENCH.is_file(), reason="shared Spec-Bench data not present")
 def test_real_spec_bench_file():
-    questions = bench.load_questions(SPEC_BENCH)
+    questions = load_questions(SPEC_BENCH)
     assert len(questions) == 480
-    counts = {g: sum(q.group == g for q in questions) for g in bench.GROUPS}
-    assert counts == {g: 80 for g in bench.GROUPS}
-    mt = bench.select_questions(questions, ["mt_bench"], per_category=8)
-    assert sorted(q.category for q in mt) == sorted(bench.MT_BENCH_CATEGORIES)
+    counts = {g: sum(q.group == g for q in questions) for g in GROUPS}
+    assert counts == {g: 80 for g in GROUPS}
+    mt = select_questions(questions, ["mt_bench"], per_category=8)
+    assert sorted(q.category for q in mt) == sorted(MT_BENCH_CATEGORIES)
 
 
 def test_missing_default_questions_file_explains_flag(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="--questions"):
-        bench.resolve_questions(bench.BenchOptions())
+        resolve_questions(BenchOptions())
 
 
 # --------------------------------------------------------------------------- methods
 
 
 def test_parse_builtin_methods():
-    methods = bench.parse_methods("plain,clasp,ngram")
+    methods = parse_methods("plain,clasp,ngram")
     assert [m.name for m in methods] == ["plain", "clasp", "ngram"]
     assert methods[0].speculative_config is None
     assert methods[1].speculative_config == {"method": "clasp"}
@@ -96,7 +119,7 @@ def test_parse_builtin_methods():
 
 
 def test_parse_named_json_with_commas_and_plain_first():
-    methods = bench.parse_methods(
+    methods = parse_methods(
         'clasp8={"method": "clasp", "clasp_skip_layers": 8, "clasp_never_skip": [0, 1]},plain')
     assert [m.name for m in methods] == ["plain", "clasp8"]
     assert methods[1].speculative_config == {
@@ -104,7 +127,7 @@ def test_parse_named_json_with_commas_and_plain_first():
 
 
 def test_plain_is_added_and_sweep_appends_clasp_methods():
-    methods = bench.parse_methods("clasp", sweep_skip=(4, 12))
+    methods = parse_methods("clasp", sweep_skip=(4, 12))
     assert [m.name for m in methods] == ["plain", "clasp", "clasp-skip4", "clasp-skip12"]
     assert methods[3].speculative_config == {"method": "clasp", "clasp_skip_layers": 12}
 
@@ -118,40 +141,40 @@ def test_plain_is_added_and_sweep_appends_clasp_methods():
 ])
 def test_bad_methods(spec, match):
     with pytest.raises(ValueError, match=match):
-        bench.parse_methods(spec)
+        parse_methods(spec)
 
 
 def test_parse_int_list():
-    assert bench.parse_int_list("1, 8,32", "--batch-sizes", low=1) == (1, 8, 32)
+    assert parse_int_list("1, 8,32", "--batch-sizes", low=1) == (1, 8, 32)
     for bad in ("", "0", "a,b"):
         with pytest.raises(ValueError, match="--batch-sizes"):
-            bench.parse_int_list(bad, "--batch-sizes", low=1)
+            parse_int_list(bad, "--batch-sizes", low=1)
 
 
 # --------------------------------------------------------------------------- arithmetic
 
 
 def test_speedup_is_ratio_of_means_not_mean_of_ratios():
-    assert bench.speedup([10.0, 1.0], [5.0, 1.0]) == pytest.approx(5.5 / 3.0)  # not 1.5
-    assert bench.speedup([], [1.0]) is None
-    assert bench.speedup([1.0], []) is None
+    assert speedup([10.0, 1.0], [5.0, 1.0]) == pytest.approx(5.5 / 3.0)  # not 1.5
+    assert speedup([], [1.0]) is None
+    assert speedup([1.0], []) is None
 
 
 def test_acceptance_length_includes_bonus_token():
-    assert bench.acceptance_length(drafts=10, accepted=25) == pytest.approx(3.5)
-    assert bench.acceptance_length(drafts=0, accepted=0) is None
+    assert acceptance_length(drafts=10, accepted=25) == pytest.approx(3.5)
+    assert acceptance_length(drafts=0, accepted=0) is None
     # 100 tokens with 60 accepted drafts took 40 target passes (prefill included).
-    assert bench.tokens_per_step(100, 60) == pytest.approx(2.5)
-    assert bench.tokens_per_step(100, 0) == pytest.approx(1.0)
+    assert tokens_per_step(100, 60) == pytest.approx(2.5)
+    assert tokens_per_step(100, 0) == pytest.approx(1.0)
 
 
 def test_identical_counting_and_first_difference():
     ref = {1: [1, 2, 3], 2: [4, 5], 3: [7]}
     got = {1: [1, 2, 3], 2: [4, 6], 4: [9]}
-    assert bench.count_identical(ref, got) == (1, 2, [2])
-    assert bench.first_difference([1, 2, 3], [1, 2, 3]) is None
-    assert bench.first_difference([1, 2, 3], [1, 9, 3]) == 1
-    assert bench.first_difference([1, 2, 3], [1, 2]) == 2
+    assert count_identical(ref, got) == (1, 2, [2])
+    assert first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert first_difference([1, 2, 3], [1, 9, 3]) == 1
+    assert first_difference([1, 2, 3], [1, 2]) == 2
 
 
 # --------------------------------------------------------------------------- summary / report
@@ -196,8 +219,8 @@ def fake_run(batch_sizes=(1, 4), sweep=True):
 def fake_result(batch_sizes=(1, 4), sweep=True):
     methods, records, calls = fake_run(batch_sizes, sweep)
     groups = ["qa", "rag"]
-    summary = bench.summarize(records, calls, methods, groups, batch_sizes)
-    specs = bench.parse_methods(",".join(m for m in methods if not m.startswith("clasp-skip")),
+    summary = summarize(records, calls, methods, groups, batch_sizes)
+    specs = parse_methods(",".join(m for m in methods if not m.startswith("clasp-skip")),
                                 sweep_skip=(4, 12) if sweep else ())
     return {
         "config": {"model": "/m", "categories": groups, "per_category": 2, "offset": 0,
@@ -207,13 +230,13 @@ def fake_result(batch_sizes=(1, 4), sweep=True):
                                 "sweep": m.name.startswith("clasp-skip"), "resolved": None}
                                for m in specs]},
         "machine": {"cpu_model": "test CPU", "cpus": 2, "iomp": {"in_ld_preload": True}},
-        "num_prompts": 4, "summary": summary, "mismatches": bench.mismatches(records, methods),
+        "num_prompts": 4, "summary": summary, "mismatches": mismatches(records, methods),
         "errors": [], "records": records, "calls": calls,
     }
 
 
 def row(result, bs, group, method):
-    return bench._find(result["summary"], bs, group, method)
+    return find_row(result["summary"], bs, group, method)
 
 
 def test_summary_speedup_tau_identity_and_time_split():
@@ -251,11 +274,11 @@ def test_mismatch_shares():
 
 def test_report_and_files(tmp_path):
     result = fake_result()
-    text = bench.format_report(result)
+    text = format_report(result)
     assert "batch size 1" in text and "batch size 4" in text
     assert "1.50x" in text and "ngram: 2/8 outputs differ" in text
     assert "clasp time split" in text
-    paths = bench.write_results(result, tmp_path / "out")
+    paths = write_results(result, tmp_path / "out")
     names = {p.name for p in paths}
     assert names == {"results.json", "speedup_by_group.png", "speedup_vs_batch_size.png",
                      "skip_sweep.png"}
@@ -266,7 +289,7 @@ def test_report_and_files(tmp_path):
 
 
 def test_single_batch_size_without_sweep_writes_one_plot(tmp_path):
-    paths = bench.write_results(fake_result(batch_sizes=(1,), sweep=False), tmp_path)
+    paths = write_results(fake_result(batch_sizes=(1,), sweep=False), tmp_path)
     assert sorted(p.name for p in paths) == ["results.json", "speedup_by_group.png"]
 
 
@@ -299,8 +322,8 @@ def test_cli_usage_errors_exit_2_without_engine(tmp_path, capsys, monkeypatch):
 def test_no_reexec_outside_the_cli(monkeypatch):
     called = []
     monkeypatch.setattr(os, "execv", lambda *a: called.append(a))
-    monkeypatch.delenv(bench.IOMP_GUARD_ENV, raising=False)
-    bench.maybe_reexec_with_iomp(True)  # sys.argv[0] is pytest here
+    monkeypatch.delenv(cpu_env.IOMP_GUARD_ENV, raising=False)
+    cpu_env.maybe_reexec_with_iomp(True)  # sys.argv[0] is pytest here
     assert not called
 
 
@@ -308,9 +331,9 @@ def test_subcommands_registered():
     assert {"bench", "demo"} <= set(cli.SUBCOMMANDS)
     parser = cli.build_parser()
     args = parser.parse_args(["bench", "--batch-sizes", "1,8", "--enforce-eager"])
-    options = bench.options_from_args(args)
+    options = options_from_args(args)
     assert options.batch_sizes == (1, 8) and options.enforce_eager is True
-    assert bench.options_from_args(parser.parse_args(["bench"])).enforce_eager is False
+    assert options_from_args(parser.parse_args(["bench"])).enforce_eager is False
     assert parser.parse_args(["demo"]).enforce_eager is True
     assert options.out.startswith("bench-results")
     assert isinstance(options.methods, str)  # parsed by run_bench
@@ -321,22 +344,22 @@ def test_iomp_reexec_once_from_the_cli(monkeypatch):
     monkeypatch.setattr(os, "execv", lambda exe, argv: calls.append((exe, argv)))
     monkeypatch.setattr(cpu_env, "find_iomp", lambda: "/venv/lib/libiomp5.so")
     monkeypatch.setattr(cpu_env, "_on_cpu", lambda: True)
-    monkeypatch.setattr(bench.platform, "machine", lambda: "x86_64")
-    monkeypatch.setattr(bench.sys, "platform", "linux")
-    monkeypatch.setattr(bench.sys, "argv", ["/venv/bin/vllm-clasp", "bench"])
-    monkeypatch.setattr(bench.sys, "orig_argv", ["python", "/venv/bin/vllm-clasp", "bench"])
+    monkeypatch.setattr(cpu_env.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(cpu_env.sys, "platform", "linux")
+    monkeypatch.setattr(cpu_env.sys, "argv", ["/venv/bin/vllm-clasp", "bench"])
+    monkeypatch.setattr(cpu_env.sys, "orig_argv", ["python", "/venv/bin/vllm-clasp", "bench"])
     monkeypatch.setenv("LD_PRELOAD", "/x/libfoo.so")
-    monkeypatch.delenv(bench.IOMP_GUARD_ENV, raising=False)
+    monkeypatch.delenv(cpu_env.IOMP_GUARD_ENV, raising=False)
 
-    bench.maybe_reexec_with_iomp(False)  # --no-iomp (bench re-exports cpu_env's function)
+    cpu_env.maybe_reexec_with_iomp(False)  # --no-iomp
     assert not calls and os.environ["LD_PRELOAD"] == "/x/libfoo.so"
 
-    bench.maybe_reexec_with_iomp(True)
-    assert calls == [(bench.sys.executable, [bench.sys.executable, "/venv/bin/vllm-clasp",
+    cpu_env.maybe_reexec_with_iomp(True)
+    assert calls == [(cpu_env.sys.executable, [cpu_env.sys.executable, "/venv/bin/vllm-clasp",
                                              "bench"])]
     assert os.environ["LD_PRELOAD"] == "/venv/lib/libiomp5.so:/x/libfoo.so"
-    assert os.environ[bench.IOMP_GUARD_ENV] == "1"
-    bench.maybe_reexec_with_iomp(True)  # the re-executed process does not loop
+    assert os.environ[cpu_env.IOMP_GUARD_ENV] == "1"
+    cpu_env.maybe_reexec_with_iomp(True)  # the re-executed process does not loop
     assert len(calls) == 1
 
 
@@ -352,5 +375,5 @@ def test_memory_line_reports_extra_peak_vs_plain():
 
 
 def test_builtin_clasp_layers_is_clasp_without_prompt_lookup():
-    methods = bench.parse_methods("plain,clasp-layers")
+    methods = parse_methods("plain,clasp-layers")
     assert methods[1].speculative_config == {"method": "clasp", "clasp_prompt_lookup_max": 0}

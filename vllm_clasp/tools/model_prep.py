@@ -286,10 +286,10 @@ _GGUF_CONFIG_LEFTOVERS = ("quantization_config", "gguf_file", "_model_name_or_pa
 def _convert_gguf_to_hf(spec: ModelSpec, gguf_path: Path, out_dir: Path) -> dict:
     """Dequantise ``gguf_path`` and write an HF directory into the existing ``out_dir``.
 
-    Returns extra facts for the marker.  Heavy imports happen here only.
+    Returns extra facts for the marker.  Heavy imports happen here and in the
+    ``_save_*`` / ``_check_*`` helpers only.
     """
     import torch
-    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src_dir, fname = str(gguf_path.parent), gguf_path.name
@@ -299,7 +299,28 @@ def _convert_gguf_to_hf(spec: ModelSpec, gguf_path: Path, out_dir: Path) -> dict
     model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=fname, dtype=torch.float32)
     model.eval()
 
-    # --- weights: float32 (lossless w.r.t. the dequantised Q4_1 values), tied lm_head dropped.
+    num_tensors, n_params, tied = _save_weights(model, out_dir)
+    dropped = _save_config(model, out_dir)
+    _save_tokenizer(tokenizer, model.config, out_dir)
+    cfg = _check_converted(spec, tokenizer, out_dir)
+    return {
+        "architectures": cfg.get("architectures"),
+        "dtype": "float32",
+        "num_tensors": num_tensors,
+        "num_parameters": n_params,
+        "tied_lm_head_dropped": tied,
+        "dropped_config_keys": dropped,
+        "transformers_version": _installed_version("transformers"),
+        "torch_version": torch.__version__,
+    }
+
+
+def _save_weights(model, out_dir: Path) -> tuple[int, int, bool]:
+    """``model.safetensors`` in float32 (lossless w.r.t. the dequantised Q4_1 values), tied
+    lm_head dropped; returns (tensors, parameters, whether the lm_head was tied)."""
+    import torch
+    from safetensors.torch import save_file
+
     state = model.state_dict()
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     if tied:
@@ -308,8 +329,12 @@ def _convert_gguf_to_hf(spec: ModelSpec, gguf_path: Path, out_dir: Path) -> dict
     n_params = sum(t.numel() for t in tensors.values())
     logger.info("writing %d tensors (%d parameters, float32)", len(tensors), n_params)
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    return len(tensors), n_params, tied
 
-    # --- config: strip GGUF leftovers, make the architecture and dtype explicit.
+
+def _save_config(model, out_dir: Path) -> list[str]:
+    """``config.json`` without GGUF leftovers, with explicit architecture and dtype, plus the
+    generation config; returns the dropped keys."""
     config = model.config
     dropped = []
     for key in _GGUF_CONFIG_LEFTOVERS:
@@ -323,14 +348,21 @@ def _convert_gguf_to_hf(spec: ModelSpec, gguf_path: Path, out_dir: Path) -> dict
     config.save_pretrained(str(out_dir))
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(str(out_dir))
+    return dropped
 
-    # --- tokenizer (with chat template; saved as chat_template.jinja by transformers 5).
+
+def _save_tokenizer(tokenizer, config, out_dir: Path) -> None:
+    """The tokenizer with its chat template (saved as chat_template.jinja by transformers 5)."""
     max_pos = getattr(config, "max_position_embeddings", None)
     if isinstance(max_pos, int) and max_pos > 0:
         tokenizer.model_max_length = max_pos  # GGUF gives none (1e30 placeholder)
     tokenizer.save_pretrained(str(out_dir))
 
-    # --- sanity checks on what was written (cheap; no weight reload).
+
+def _check_converted(spec: ModelSpec, tokenizer, out_dir: Path) -> dict:
+    """Sanity checks on what was written (cheap; no weight reload); returns config.json."""
+    from transformers import AutoTokenizer
+
     with open(out_dir / "config.json", encoding="utf-8") as f:
         cfg = json.load(f)
     for key in _GGUF_CONFIG_LEFTOVERS:
@@ -347,17 +379,7 @@ def _convert_gguf_to_hf(spec: ModelSpec, gguf_path: Path, out_dir: Path) -> dict
     b = reloaded.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
     if a != b or tokenizer(a)["input_ids"] != reloaded(b)["input_ids"]:
         raise ModelPrepError("the saved tokenizer does not reproduce the GGUF tokenizer")
-
-    return {
-        "architectures": cfg.get("architectures"),
-        "dtype": "float32",
-        "num_tensors": len(tensors),
-        "num_parameters": n_params,
-        "tied_lm_head_dropped": tied,
-        "dropped_config_keys": dropped,
-        "transformers_version": _installed_version("transformers"),
-        "torch_version": torch.__version__,
-    }
+    return cfg
 
 
 # --------------------------------------------------------------------------- orchestration
@@ -448,53 +470,73 @@ def prepare_model(
         logger.debug("model %s ready at %s", spec.name, final)
         return final
 
-    parent = final.parent
-    with _locked(parent / f".{spec.name}.lock"):
+    with _locked(final.parent / f".{spec.name}.lock"):
         if is_ready(final, spec):  # somebody else finished while we waited
             return final
-        # Under the lock nobody else converts this model: leftovers are garbage.
-        for stale in parent.glob(f".{spec.name}.tmp-*"):
-            logger.info("removing stale temporary directory %s", stale)
-            _rmtree(stale)
-        if final.exists() or final.is_symlink():
-            logger.info("removing incomplete model directory %s (no valid %s)", final, MARKER_NAME)
-            _rmtree(final)
-
+        _remove_leftovers(spec, final)
         gguf, version = _locate_source(spec, install)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}.tmp-", dir=parent))
-        try:
-            t0 = time.monotonic()
-            msg = (f"vllm-clasp: converting {spec.name} from {gguf.name} ({spec.package} {version}) "
-                   f"to a Hugging Face directory in {final} (once; takes ~30 s)...")
-            logger.debug("%s", msg)
-            print(msg, file=sys.stderr, flush=True)
-            # Keep stdout clean (the CLI prints only the path there).
-            with contextlib.redirect_stdout(sys.stderr):
-                facts = _convert_gguf_to_hf(spec, gguf, tmp)
-            elapsed = time.monotonic() - t0
-            marker = {
-                "name": spec.name,
-                "converter_version": CONVERTER_VERSION,
-                "source": {
-                    "package": spec.package,
-                    "version": version,
-                    "required_version": spec.version,
-                    "module": spec.module,
-                    "gguf_file": spec.gguf_file,
-                    "gguf_size": gguf.stat().st_size,
-                    "gguf_sha256": _sha256(gguf),
-                },
-                "conversion_seconds": round(elapsed, 2),
-                "created_unix": int(time.time()),
-                **({"details": facts} if facts else {}),
-            }
-            _write_marker(tmp, marker)  # last file written: its presence means "complete"
-            os.chmod(tmp, 0o755)  # mkdtemp creates 0700
-            os.replace(tmp, final)
-            _fsync_dir(parent)
-        except BaseException:
-            _rmtree(tmp)
-            raise
+        t0 = time.monotonic()
+        elapsed = _convert_into_place(spec, gguf, version, final)
     print(f"vllm-clasp: model ready in {time.monotonic() - t0:.1f} s: {final}", file=sys.stderr, flush=True)
     logger.debug("model %s ready at %s (%.1f s)", spec.name, final, elapsed)
     return final
+
+
+def _remove_leftovers(spec: ModelSpec, final: Path) -> None:
+    """Remove stale temporary directories and an incomplete ``final``.
+
+    Call with the model's lock held: nobody else converts this model, so leftovers are garbage.
+    """
+    for stale in final.parent.glob(f".{spec.name}.tmp-*"):
+        logger.info("removing stale temporary directory %s", stale)
+        _rmtree(stale)
+    if final.exists() or final.is_symlink():
+        logger.info("removing incomplete model directory %s (no valid %s)", final, MARKER_NAME)
+        _rmtree(final)
+
+
+def _convert_into_place(spec: ModelSpec, gguf: Path, version: str | None, final: Path) -> float:
+    """Convert into a temporary sibling of ``final``, write the marker last, then rename it
+    to ``final``; nothing is left behind on failure.  Returns the conversion's seconds."""
+    parent = final.parent
+    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}.tmp-", dir=parent))
+    try:
+        t0 = time.monotonic()
+        msg = (f"vllm-clasp: converting {spec.name} from {gguf.name} ({spec.package} {version}) "
+               f"to a Hugging Face directory in {final} (once; takes ~30 s)...")
+        logger.debug("%s", msg)
+        print(msg, file=sys.stderr, flush=True)
+        # Keep stdout clean (the CLI prints only the path there).
+        with contextlib.redirect_stdout(sys.stderr):
+            facts = _convert_gguf_to_hf(spec, gguf, tmp)
+        elapsed = time.monotonic() - t0
+        # last file written: its presence means "complete"
+        _write_marker(tmp, _marker(spec, gguf, version, elapsed, facts))
+        os.chmod(tmp, 0o755)  # mkdtemp creates 0700
+        os.replace(tmp, final)
+        _fsync_dir(parent)
+    except BaseException:
+        _rmtree(tmp)
+        raise
+    return elapsed
+
+
+def _marker(spec: ModelSpec, gguf: Path, version: str | None, elapsed: float,
+            facts: dict) -> dict:
+    """Contents of :data:`MARKER_NAME`: the source, the converter version and timing."""
+    return {
+        "name": spec.name,
+        "converter_version": CONVERTER_VERSION,
+        "source": {
+            "package": spec.package,
+            "version": version,
+            "required_version": spec.version,
+            "module": spec.module,
+            "gguf_file": spec.gguf_file,
+            "gguf_size": gguf.stat().st_size,
+            "gguf_sha256": _sha256(gguf),
+        },
+        "conversion_seconds": round(elapsed, 2),
+        "created_unix": int(time.time()),
+        **({"details": facts} if facts else {}),
+    }

@@ -131,6 +131,12 @@ def mismatches(records: list[dict], methods: Sequence[str]) -> dict[str, dict]:
     return out
 
 
+def find_row(rows: list[dict], bs: int, group: str, method: str) -> dict | None:
+    """The summary row of (batch size, group or "overall", method); None when absent."""
+    return next((r for r in rows if r["batch_size"] == bs and r["group"] == group
+                 and r["method"] == method), None)
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -139,73 +145,120 @@ def _fmt(value, spec: str, none: str = "-") -> str:
 
 
 def format_report(result: dict) -> str:
+    """The printed report: settings, a table per batch size, memory, mismatches, errors."""
     cfg = result["config"]
     methods = [m["name"] for m in cfg["methods"]]
-    rows = result["summary"]
+    lines = _header_lines(result)
+    for bs in cfg["batch_sizes"]:
+        lines += _batch_size_lines(result["summary"], cfg["categories"], methods, bs)
+    lines += _memory_lines(result, methods)
+    lines += _mismatch_lines(result)
+    for err in result.get("errors", []):
+        lines.append(f"ERROR {err['method']} ({err['stage']}): {err['error']}")
+    return "\n".join(lines)
+
+
+def _header_lines(result: dict) -> list[str]:
+    """The run's settings, model, machine and each method's speculative config."""
+    cfg, machine = result["config"], result["machine"]
     lines = [
         f"Spec-Bench: {result['num_prompts']} prompts ({cfg['per_category']} per group, offset "
         f"{cfg['offset']}), max_tokens {cfg['max_tokens']}, temperature {cfg['temperature']}, "
         f"dtype {cfg['dtype']}, rounds {cfg['rounds']}, enforce_eager {cfg['enforce_eager']}",
         f"model: {cfg['model']}",
-        f"machine: {result['machine'].get('cpu_model')} ({result['machine'].get('cpus')} CPUs, "
-        f"engine worker torch threads {result['machine'].get('worker_torch_threads', '?')}), "
-        f"Intel OpenMP preloaded: {result['machine'].get('iomp', {}).get('in_ld_preload')}, "
-        f"load average {_fmt(result['machine'].get('loadavg_start', [None])[0], '.1f')} at start",
+        f"machine: {machine.get('cpu_model')} ({machine.get('cpus')} CPUs, "
+        f"engine worker torch threads {machine.get('worker_torch_threads', '?')}), "
+        f"Intel OpenMP preloaded: {machine.get('iomp', {}).get('in_ld_preload')}, "
+        f"load average {_fmt(machine.get('loadavg_start', [None])[0], '.1f')} at start",
     ]
     for m in cfg["methods"]:
         lines.append(f"  {m['name']:<14} {json.dumps(m['speculative_config'])}"
                      + (f"  resolved: {json.dumps(m['resolved'])}" if m.get("resolved") else ""))
-    for bs in cfg["batch_sizes"]:
-        lines += ["", f"batch size {bs}: tokens/s per prompt (mean), speedup vs plain, "
-                      f"tau = mean accepted tokens per step"]
-        width = {m: max(8, len(m)) for m in methods}
-        header = f"{'group':<15}{'n':>3}"
-        for m in methods:
-            header += f" | {m:>{width[m]}}" + ("" if m == BASELINE else f" {'x':>5} {'tau':>5}")
-        lines += [header, "-" * len(header)]
-        for group in [*cfg["categories"], "overall"]:
-            base = _find(rows, bs, group, BASELINE)
-            if bs > 1 and group != "overall" and base and not base["calls"]:
-                continue  # no batch of this group alone: its rows would repeat mixed batches
-            line, n = "", None
-            for m in methods:
-                r = _find(rows, bs, group, m)
-                if r is None:
-                    line += f" | {'-':>{width[m]}}" + ("" if m == BASELINE else " " * 12)
-                    continue
-                n = r["num_prompts"]
-                line += f" | {_fmt(r['mean_tps'], '.2f'):>{width[m]}}"
-                if m != BASELINE:
-                    line += f" {_fmt(r['speedup'], '4.2f') + 'x':>5} {_fmt(r['tau'], '5.2f'):>5}"
-            lines.append(f"{group:<15}{_fmt(n, '3d')}{line}")
-        thr = [(m, _find(rows, bs, "overall", m)) for m in methods]
-        base = _find(rows, bs, "overall", BASELINE)
-        lines.append("whole-batch throughput (tokens/s): " + ", ".join(
-            f"{m} {_fmt(r['batch_throughput_tps'], '.2f')}"
-            + (f" ({r['batch_throughput_tps'] / base['batch_throughput_tps']:.2f}x)"
-               if m != BASELINE and base and base["batch_throughput_tps"]
-               and r["batch_throughput_tps"] else "")
-            for m, r in thr if r))
-        ident = [f"{m} {r['identical']}/{r['compared']}" for m, r in thr
-                 if r and m != BASELINE and r["identical"] is not None]
-        if ident:
-            lines.append("outputs identical to plain: " + ", ".join(ident))
-        for m in methods:
-            split = [(g, _find(rows, bs, g, m)) for g in [*cfg["categories"], "overall"]]
-            split = [(g, r["clasp"]) for g, r in split if r and r.get("clasp")]
-            if split:
-                lines.append(f"{m} time split (DP / draft / verify+rest, % of wall): " + "; ".join(
-                    f"{g} {_fmt(s['dp_pct'], '.1f')}/{_fmt(s['draft_pct'], '.1f')}/"
-                    f"{_fmt(s['other_pct'], '.1f')}" for g, s in split))
-    lines += _memory_lines(result, methods)
+    return lines
+
+
+def _batch_size_lines(rows: list[dict], categories: Sequence[str], methods: Sequence[str],
+                      bs: int) -> list[str]:
+    """One batch size's table, whole-batch throughput, identity and CLaSp time split."""
+    lines = ["", f"batch size {bs}: tokens/s per prompt (mean), speedup vs plain, "
+                 f"tau = mean accepted tokens per step"]
+    lines += _speed_table(rows, categories, methods, bs)
+    lines += _throughput_lines(rows, methods, bs)
+    lines += _time_split_lines(rows, categories, methods, bs)
+    return lines
+
+
+def _speed_table(rows: list[dict], categories: Sequence[str], methods: Sequence[str],
+                 bs: int) -> list[str]:
+    """Per group: tokens/s of every method, and speedup and tau of each non-baseline one."""
+    width = {m: max(8, len(m)) for m in methods}
+    header = f"{'group':<15}{'n':>3}"
+    for m in methods:
+        header += f" | {m:>{width[m]}}" + ("" if m == BASELINE else f" {'x':>5} {'tau':>5}")
+    lines = [header, "-" * len(header)]
+    for group in [*categories, "overall"]:
+        base = find_row(rows, bs, group, BASELINE)
+        if bs > 1 and group != "overall" and base and not base["calls"]:
+            continue  # no batch of this group alone: its rows would repeat mixed batches
+        lines.append(_speed_table_line(rows, bs, group, methods, width))
+    return lines
+
+
+def _speed_table_line(rows: list[dict], bs: int, group: str, methods: Sequence[str],
+                      width: dict[str, int]) -> str:
+    line, n = "", None
+    for m in methods:
+        r = find_row(rows, bs, group, m)
+        if r is None:
+            line += f" | {'-':>{width[m]}}" + ("" if m == BASELINE else " " * 12)
+            continue
+        n = r["num_prompts"]
+        line += f" | {_fmt(r['mean_tps'], '.2f'):>{width[m]}}"
+        if m != BASELINE:
+            line += f" {_fmt(r['speedup'], '4.2f') + 'x':>5} {_fmt(r['tau'], '5.2f'):>5}"
+    return f"{group:<15}{_fmt(n, '3d')}{line}"
+
+
+def _throughput_lines(rows: list[dict], methods: Sequence[str], bs: int) -> list[str]:
+    """Whole-batch tokens/s of every method (and vs plain); outputs identical to plain."""
+    thr = [(m, find_row(rows, bs, "overall", m)) for m in methods]
+    base = find_row(rows, bs, "overall", BASELINE)
+    lines = ["whole-batch throughput (tokens/s): " + ", ".join(
+        f"{m} {_fmt(r['batch_throughput_tps'], '.2f')}"
+        + (f" ({r['batch_throughput_tps'] / base['batch_throughput_tps']:.2f}x)"
+           if m != BASELINE and base and base["batch_throughput_tps"]
+           and r["batch_throughput_tps"] else "")
+        for m, r in thr if r)]
+    ident = [f"{m} {r['identical']}/{r['compared']}" for m, r in thr
+             if r and m != BASELINE and r["identical"] is not None]
+    if ident:
+        lines.append("outputs identical to plain: " + ", ".join(ident))
+    return lines
+
+
+def _time_split_lines(rows: list[dict], categories: Sequence[str], methods: Sequence[str],
+                      bs: int) -> list[str]:
+    """Per CLaSp method: DP / draft / verify+rest shares of wall time, per group."""
+    lines = []
+    for m in methods:
+        split = [(g, find_row(rows, bs, g, m)) for g in [*categories, "overall"]]
+        split = [(g, r["clasp"]) for g, r in split if r and r.get("clasp")]
+        if split:
+            lines.append(f"{m} time split (DP / draft / verify+rest, % of wall): " + "; ".join(
+                f"{g} {_fmt(s['dp_pct'], '.1f')}/{_fmt(s['draft_pct'], '.1f')}/"
+                f"{_fmt(s['other_pct'], '.1f')}" for g, s in split))
+    return lines
+
+
+def _mismatch_lines(result: dict) -> list[str]:
+    """Per method whose greedy outputs differ from plain: which prompts, from which token."""
+    lines = []
     for method, mm in result.get("mismatches", {}).items():
         if mm["differing"]:
             lines.append(f"{method}: {mm['differing']}/{mm['compared']} outputs differ from plain: "
                          + ", ".join(f"q{p['question_id']} (bs {p['batch_size']}, token "
                                      f"{p['first_difference']})" for p in mm["prompts"]))
-    for err in result.get("errors", []):
-        lines.append(f"ERROR {err['method']} ({err['stage']}): {err['error']}")
-    return "\n".join(lines)
+    return lines
 
 
 def _memory_lines(result: dict, methods: Sequence[str]) -> list[str]:
@@ -220,11 +273,6 @@ def _memory_lines(result: dict, methods: Sequence[str]) -> list[str]:
             + ", ".join(parts)]
 
 
-def _find(rows, bs, group, method):
-    return next((r for r in rows if r["batch_size"] == bs and r["group"] == group
-                 and r["method"] == method), None)
-
-
 def write_results(result: dict, out_dir: str | os.PathLike[str]) -> list[Path]:
     """results.json plus PNG plots; returns the written paths."""
     out = Path(out_dir)
@@ -237,10 +285,12 @@ def write_results(result: dict, out_dir: str | os.PathLike[str]) -> list[Path]:
 
 
 def write_plots(result: dict, out: Path) -> list[Path]:
+    """PNG plots into `out`; returns their paths. Speedup per group at the smallest batch
+    size; with several batch sizes, speedup and throughput against batch size; with
+    `--sweep-skip`, tau and speedup against the number of skipped layers."""
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    matplotlib.use("Agg")  # before pyplot is imported (by the helpers below)
 
     cfg, rows = result["config"], result["summary"]
     others = [m["name"] for m in cfg["methods"] if m["name"] != BASELINE]
@@ -248,11 +298,25 @@ def write_plots(result: dict, out: Path) -> list[Path]:
     if not others:
         return written
     bs = min(cfg["batch_sizes"])
+    written.append(_plot_speedup_by_group(rows, cfg, others, bs, out))
+    if len(cfg["batch_sizes"]) > 1:
+        written.append(_plot_batch_sizes(rows, cfg["batch_sizes"], others, out))
+    sweep = sorted(((m["speculative_config"] or {}).get("clasp_skip_layers"), m["name"])
+                   for m in cfg["methods"] if m.get("sweep"))
+    if sweep:
+        written.append(_plot_skip_sweep(rows, sweep, bs, out))
+    return written
+
+
+def _plot_speedup_by_group(rows: list[dict], cfg: dict, others: Sequence[str], bs: int,
+                           out: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     groups = [*cfg["categories"], "overall"]
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups) * max(1, len(others)) / 2), 4))
     width = 0.8 / len(others)
     for i, m in enumerate(others):
-        values = [(_find(rows, bs, g, m) or {}).get("speedup") or 0 for g in groups]
+        values = [(find_row(rows, bs, g, m) or {}).get("speedup") or 0 for g in groups]
         ax.bar([x + i * width for x in range(len(groups))], values, width, label=m)
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xticks([x + width * (len(others) - 1) / 2 for x in range(len(groups))], groups,
@@ -261,48 +325,53 @@ def write_plots(result: dict, out: Path) -> list[Path]:
     ax.set_title(f"Spec-Bench speedup per group (batch size {bs}, {cfg['dtype']})")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
     fig.tight_layout()
-    written.append(_save(fig, out / "speedup_by_group.png"))
+    return _save(fig, out / "speedup_by_group.png")
 
-    if len(cfg["batch_sizes"]) > 1:
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-        for i, m in enumerate([BASELINE, *others]):
-            pts = [(b, _find(rows, b, "overall", m)) for b in cfg["batch_sizes"]]
-            pts = [(b, r) for b, r in pts if r]
-            color = f"C{i}"
-            ax2.plot([b for b, _ in pts], [r["batch_throughput_tps"] for _, r in pts], "o-",
+
+def _plot_batch_sizes(rows: list[dict], batch_sizes: Sequence[int], others: Sequence[str],
+                      out: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for i, m in enumerate([BASELINE, *others]):
+        pts = [(b, find_row(rows, b, "overall", m)) for b in batch_sizes]
+        pts = [(b, r) for b, r in pts if r]
+        color = f"C{i}"
+        ax2.plot([b for b, _ in pts], [r["batch_throughput_tps"] for _, r in pts], "o-",
+                 color=color, label=m)
+        if m != BASELINE:
+            ax1.plot([b for b, _ in pts], [r["speedup"] for _, r in pts], "o-",
                      color=color, label=m)
-            if m != BASELINE:
-                ax1.plot([b for b, _ in pts], [r["speedup"] for _, r in pts], "o-",
-                         color=color, label=m)
-        ax1.axhline(1.0, color="grey", lw=0.8, ls="--")
-        ax1.set(ylabel="speedup vs plain (per-prompt tokens/s)", title="speedup vs batch size")
-        ax2.set(ylabel="whole-batch tokens/s", title="throughput")
-        for ax in (ax1, ax2):
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(cfg["batch_sizes"], [str(b) for b in cfg["batch_sizes"]])
-            ax.minorticks_off()
-            ax.set_xlabel("batch size")
-            ax.legend(fontsize="small")
-        fig.tight_layout()
-        written.append(_save(fig, out / "speedup_vs_batch_size.png"))
+    ax1.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax1.set(ylabel="speedup vs plain (per-prompt tokens/s)", title="speedup vs batch size")
+    ax2.set(ylabel="whole-batch tokens/s", title="throughput")
+    for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
+        ax.minorticks_off()
+        ax.set_xlabel("batch size")
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    return _save(fig, out / "speedup_vs_batch_size.png")
 
-    sweep = sorted(((m["speculative_config"] or {}).get("clasp_skip_layers"), m["name"])
-                   for m in cfg["methods"] if m.get("sweep"))
-    if sweep:
-        xs = [s for s, _ in sweep]
-        rs = [_find(rows, bs, "overall", name) or {} for _, name in sweep]
-        fig, ax1 = plt.subplots(figsize=(6, 4))
-        tau = ax1.plot(xs, [r.get("tau") or 0 for r in rs], "o-", color="tab:blue", label="tau")
-        ax1.set(xlabel="skipped layers", ylabel="mean accepted tokens (tau)")
-        ax2 = ax1.twinx()
-        spd = ax2.plot(xs, [r.get("speedup") or 0 for r in rs], "s--", color="tab:red",
-                       label="speedup")
-        ax2.set_ylabel("speedup vs plain")
-        ax1.set_title(f"CLaSp vs skipped layers (batch size {bs})")
-        ax1.legend(handles=tau + spd, loc="best", fontsize="small")
-        fig.tight_layout()
-        written.append(_save(fig, out / "skip_sweep.png"))
-    return written
+
+def _plot_skip_sweep(rows: list[dict], sweep: Sequence[tuple[int, str]], bs: int,
+                     out: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    xs = [s for s, _ in sweep]
+    rs = [find_row(rows, bs, "overall", name) or {} for _, name in sweep]
+    fig, ax1 = plt.subplots(figsize=(6, 4))
+    tau = ax1.plot(xs, [r.get("tau") or 0 for r in rs], "o-", color="tab:blue", label="tau")
+    ax1.set(xlabel="skipped layers", ylabel="mean accepted tokens (tau)")
+    ax2 = ax1.twinx()
+    spd = ax2.plot(xs, [r.get("speedup") or 0 for r in rs], "s--", color="tab:red",
+                   label="speedup")
+    ax2.set_ylabel("speedup vs plain")
+    ax1.set_title(f"CLaSp vs skipped layers (batch size {bs})")
+    ax1.legend(handles=tau + spd, loc="best", fontsize="small")
+    fig.tight_layout()
+    return _save(fig, out / "skip_sweep.png")
 
 
 def _save(fig, path: Path) -> Path:

@@ -39,7 +39,7 @@ def rank_report(worker) -> dict:
 def run_method(args, method: str) -> dict:
     from vllm import LLM, SamplingParams
 
-    from vllm_clasp.tools.bench import _shutdown, spec_counters
+    from vllm_clasp.tools.engine import shutdown, spec_counters
 
     llm = LLM(
         model=args.model, dtype="float32", enforce_eager=True, max_model_len=2048, seed=0,
@@ -61,7 +61,7 @@ def run_method(args, method: str) -> dict:
             "ranks": llm.collective_rpc(rank_report),
         }
     finally:
-        _shutdown(llm)
+        shutdown(llm)
 
 
 def main() -> None:
