@@ -410,10 +410,18 @@ def test_every_runner_attribute_the_glue_reads(runner_cls):
 
 
 def test_kv_cache_config_groups():
-    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.kv_cache_interface import (
+        AttentionSpec, FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, SlidingWindowSpec,
+    )
 
     fields = {f.name for f in dataclasses.fields(KVCacheConfig)}
     require("kv_cache_groups" in fields, PAGED_ROWS_PY, "KVCacheConfig.kv_cache_groups is gone")
+    group_fields = {f.name for f in dataclasses.fields(KVCacheGroupSpec)}
+    require({"layer_names", "kv_cache_spec"} <= group_fields, PAGED_ROWS_PY,
+            f"KVCacheGroupSpec has {sorted(group_fields)}")
+    require(issubclass(FullAttentionSpec, AttentionSpec)
+            and issubclass(SlidingWindowSpec, AttentionSpec), PAGED_ROWS_PY,
+            "full / sliding-window KV caches are no longer AttentionSpecs")
 
 
 @pytest.mark.parametrize(
@@ -577,12 +585,13 @@ def test_llama_decoder_stack_contract():
             "LogitsProcessor lost scale/soft_cap (read to decide the draft head)")
 
 
-def test_supported_architectures_share_the_llama_layer_contract():
+def test_tested_architectures_share_the_llama_layer_contract():
     from vllm.model_executor.models import registry
+    from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 
-    from vllm_clasp.vllm.config import SUPPORTED_ARCHITECTURES
+    from vllm_clasp.vllm.config import TESTED_ARCHITECTURES
 
-    for arch in SUPPORTED_ARCHITECTURES:
+    for arch in TESTED_ARCHITECTURES:
         require(arch in registry._TEXT_GENERATION_MODELS, SPEC_CONFIG_PY,
                 f"vLLM no longer registers {arch}")
         module_name, class_name = registry._TEXT_GENERATION_MODELS[arch]
@@ -591,6 +600,8 @@ def test_supported_architectures_share_the_llama_layer_contract():
         require(callable(getattr(model_cls, "compute_logits", None)), SPEC_CONFIG_PY,
                 f"{arch} has no compute_logits")
         layer_cls = getattr(module, arch.replace("ForCausalLM", "DecoderLayer"), None)
+        if layer_cls is None and issubclass(model_cls, LlamaForCausalLM):  # Phi-3
+            layer_cls = LlamaDecoderLayer
         require(layer_cls is not None, SPEC_CONFIG_PY, f"{arch}: no decoder layer class found")
         signature = inspect.signature(layer_cls.forward)
         names = list(signature.parameters)
@@ -602,7 +613,7 @@ def test_supported_architectures_share_the_llama_layer_contract():
         require(
             names[:4] == ["self", "positions", "hidden_states", "residual"]
             and not extra_required,
-            SPEC_CONFIG_PY + " (SUPPORTED_ARCHITECTURES)",
+            SPEC_CONFIG_PY + " (TESTED_ARCHITECTURES)",
             f"{layer_cls.__name__}.forward takes {names}",
         )
 

@@ -18,6 +18,47 @@ class UnsupportedModelError(ValueError):
     pass
 
 
+def _embedding_rewrites(inner: nn.Module) -> list[str]:
+    """Statements of the decoder stack's forward that change the embeddings after
+    `embed_input_ids` and before the layers (e.g. Granite's `hidden_states *=
+    embedding_multiplier`): the draft embeds with `embed_input_ids` alone, so such a model
+    would draft from different inputs than it verifies with. [] when none (or no source)."""
+    import ast
+    import textwrap
+
+    try:
+        source = textwrap.dedent(inspect.getsource(type(inner).forward))
+    except (OSError, TypeError):
+        return []
+    body = ast.parse(source).body[0].body
+    embedded: set[str] = set()
+    found: list[str] = []
+
+    def visit(statements) -> bool:  # False once the layer loop is reached
+        for node in statements:
+            if isinstance(node, (ast.For, ast.While)):
+                return False
+            if isinstance(node, ast.If):
+                if not visit(node.body) or not visit(node.orelse):
+                    return False
+                continue
+            if isinstance(node, ast.Assign) and "embed_input_ids" in ast.unparse(node.value):
+                embedded.update(t.id for t in node.targets if isinstance(t, ast.Name))
+                continue
+            targets = (node.targets if isinstance(node, ast.Assign)
+                       else [node.target] if isinstance(node, ast.AugAssign) else [])
+            if any(isinstance(t, ast.Name) and t.id in embedded for t in targets):
+                value = node.value
+                rewrites = isinstance(node, ast.AugAssign) or any(
+                    isinstance(n, ast.Name) and n.id in embedded for n in ast.walk(value))
+                if rewrites:
+                    found.append(ast.unparse(node))
+        return True
+
+    visit(body)
+    return found
+
+
 def _attention_layer_names(layer: nn.Module) -> list[str]:
     from vllm.model_executor.layers.attention.attention import Attention
 
@@ -52,6 +93,13 @@ class DecoderStack:
             raise UnsupportedModelError(
                 f"CLaSp cannot draft with {type(layers[0]).__name__}: its forward takes "
                 f"{parameters}, not (positions, hidden_states, residual)"
+            )
+        rewrites = _embedding_rewrites(inner)
+        if rewrites:
+            raise UnsupportedModelError(
+                f"CLaSp cannot draft with {type(model).__name__}: its forward changes the "
+                f"embeddings outside embed_input_ids ({'; '.join(rewrites)}), which the draft "
+                "would not apply"
             )
         self.model = model
         self.inner = inner

@@ -5,55 +5,100 @@ request's cached KV for positions [0, position]. Draft rows also write their K/V
 request's slot for that position (a lookahead slot the scheduler reserved; the next verify pass
 overwrites it). DP rows only read: their layers are left out of the slot-mapping dict, which
 makes vLLM's `unified_kv_cache_update` skip the write.
+
+Models whose layers use different kinds of attention (full and sliding-window: Gemma 2/3,
+Mistral with a window, `layer_types` mixing both) have several KV-cache groups under vLLM's
+hybrid KV-cache manager, each with its own block table and metadata builder. A row's metadata
+and slot are built per group, for the layers of that group.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass
+class _CacheGroup:
+    index: int  # the KV-cache group's index in the runner's block tables and attn groups
+    layer_names: frozenset[str]
 
 
 class PagedRows:
     def __init__(self, runner):
-        kv_groups = runner.kv_cache_config.kv_cache_groups
-        if len(kv_groups) != 1:
-            raise ValueError(
-                f"CLaSp supports models with one KV-cache group; this one has {len(kv_groups)}"
-            )
+        """Raises ValueError for a KV cache CLaSp cannot draft on (not attention, or a
+        backend that writes the cache inside its forward)."""
+        from vllm.v1.kv_cache_interface import AttentionSpec
+
         self.runner = runner
         self.device = runner.device
-        self.attn_groups = runner.attn_groups[0]
-        for group in self.attn_groups:
-            # Read-only DP rows rely on the KV write happening outside the attention forward,
-            # in unified_kv_cache_update, which skips layers absent from the slot mapping.
-            if getattr(group.backend, "forward_includes_kv_cache_update", True):
+        self.groups: list[_CacheGroup] = []
+        for gid, kv_group in enumerate(runner.kv_cache_config.kv_cache_groups):
+            spec = kv_group.kv_cache_spec
+            if not isinstance(spec, AttentionSpec):
                 raise ValueError(
-                    f"CLaSp cannot use attention backend {group.backend.get_name()}: it writes "
-                    "the KV cache inside its forward, so the DP could not read without writing"
+                    f"CLaSp drafts on attention KV caches; KV-cache group {gid} of this model "
+                    f"is {type(spec).__name__}"
                 )
-        self.block_table = runner.input_batch.block_table[0]
-        self.block_size = self.block_table.block_size
+            for group in runner.attn_groups[gid]:
+                # Read-only DP rows rely on the KV write happening outside the attention
+                # forward, in unified_kv_cache_update, which skips layers absent from the
+                # slot mapping.
+                if getattr(group.backend, "forward_includes_kv_cache_update", True):
+                    raise ValueError(
+                        f"CLaSp cannot use attention backend {group.backend.get_name()}: it "
+                        "writes the KV cache inside its forward, so the DP could not read "
+                        "without writing"
+                    )
+            self.groups.append(_CacheGroup(gid, frozenset(kv_group.layer_names)))
 
     def build(
         self,
         batch_rows: torch.Tensor,  # [n] int64 (CPU): each row's index in the runner's input batch
         positions: torch.Tensor,  # [n] int64 (CPU): each row's query position
         layer_names: list[str],
-    ) -> tuple[dict[str, object], torch.Tensor, torch.Tensor]:
-        """Per-layer attention metadata for `layer_names`, device positions [n], slots [n]."""
-        from vllm.v1.attention.backend import CommonAttentionMetadata
-
+    ) -> tuple[dict[str, object], torch.Tensor, dict[str, torch.Tensor]]:
+        """(attention metadata by layer name, device positions [n], slots [n] by layer name)
+        for `layer_names`, each built from its KV-cache group's block table."""
         n = int(batch_rows.shape[0])
-        num_reqs = self.runner.input_batch.num_reqs
         rows_dev = batch_rows.to(self.device, non_blocking=True)
         positions_dev = positions.to(self.device, non_blocking=True)
-        block_table = self.block_table.get_device_tensor(num_reqs)[rows_dev]  # [n, max_blocks]
-        block_index = (positions_dev // self.block_size).unsqueeze(1)  # [n, 1]
+        seq_lens_cpu = (positions + 1).to(torch.int32)  # [n]
+        wanted = set(layer_names)
+        metadata: dict[str, object] = {}
+        slots: dict[str, torch.Tensor] = {}
+        for group in self.groups:
+            names = wanted & group.layer_names
+            if not names:
+                continue
+            common, group_slots = self._common(group, rows_dev, positions, positions_dev,
+                                               seq_lens_cpu, n)
+            for attn_group in self.runner.attn_groups[group.index]:
+                built_names = [name for name in attn_group.layer_names if name in names]
+                if built_names:
+                    built = attn_group.build_metadata(common)
+                    for name in built_names:
+                        metadata[name] = built
+                        slots[name] = group_slots
+        return metadata, positions_dev, slots
+
+    def _common(self, group: _CacheGroup, rows_dev, positions, positions_dev, seq_lens_cpu,
+                n: int):
+        """vLLM's CommonAttentionMetadata for n single-token rows in one KV-cache group, and
+        the rows' slots [n] in that group's cache."""
+        from vllm.v1.attention.backend import CommonAttentionMetadata
+
+        batch = self.runner.input_batch
+        group_table = batch.block_table[group.index]
+        block_size = group_table.block_size
+        block_table = group_table.get_device_tensor(batch.num_reqs)[rows_dev]  # [n, blocks]
+        block_index = (positions_dev // block_size).unsqueeze(1)  # [n, 1]
         slots = (
             block_table.gather(1, block_index.to(block_table.dtype)).squeeze(1).long()
-            * self.block_size
-            + positions_dev % self.block_size
+            * block_size
+            + positions_dev % block_size
         )  # [n]
-        seq_lens_cpu = (positions + 1).to(torch.int32)
         query_start_loc_cpu = torch.arange(n + 1, dtype=torch.int32)
         common = CommonAttentionMetadata(
             query_start_loc=query_start_loc_cpu.to(self.device, non_blocking=True),
@@ -68,12 +113,4 @@ class PagedRows:
             seq_lens_cpu_upper_bound=seq_lens_cpu,
             positions=positions_dev,
         )
-        wanted = set(layer_names)
-        metadata: dict[str, object] = {}
-        for group in self.attn_groups:
-            names = [name for name in group.layer_names if name in wanted]
-            if names:
-                built = group.build_metadata(common)
-                for name in names:
-                    metadata[name] = built
-        return metadata, positions_dev, slots
+        return common, slots

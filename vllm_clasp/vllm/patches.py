@@ -102,6 +102,16 @@ def _runner_init(original):
     return __init__
 
 
+def _initialize_kv_cache(original):
+    @functools.wraps(original)
+    def initialize_kv_cache(self, kv_cache_config, *args, **kwargs):
+        original(self, kv_cache_config, *args, **kwargs)
+        if is_clasp(self.speculative_config):
+            self.drafter.bind(self)  # a KV cache CLaSp cannot draft on fails here, at start-up
+
+    return initialize_kv_cache
+
+
 def _propose_draft_token_ids(original):
     @functools.wraps(original)
     def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, *args, **kwargs):
@@ -354,6 +364,17 @@ PATCHES = [
         what="with no draft tokens there is nothing to constrain: return the logits unchanged",
         removal="vLLM returning early for zero rows (a contract test checks the bug is still "
                 "there)",
+    ),
+    Patch(
+        RUNNER, "initialize_kv_cache", _initialize_kv_cache, number=12, scope=Scope.IMPORT,
+        host_parameters=("self", "kv_cache_config", "is_profiling",
+                         "kv_cache_allocation_context"),
+        why="the drafter learns the KV-cache layout (groups, block tables, attention "
+            "backends) only at its first step, so a model CLaSp cannot draft on killed the "
+            "engine at the first request",
+        what="after vLLM sets up the KV cache, bind the proposer to it: per-group block "
+             "tables and metadata builders, and a start-up error for caches it cannot use",
+        removal="a drafter hook called with the KV-cache config (V2's speculators get one)",
     ),
 ]
 

@@ -77,6 +77,13 @@ class ClaspProposer:
         for gone in (scheduler_output.finished_req_ids, scheduler_output.preempted_req_ids):
             self.planner.forget(gone)
 
+    def bind(self, runner) -> None:
+        """Check and bind the runner's KV cache once it exists (patched
+        `initialize_kv_cache`), so a model CLaSp cannot draft on fails at start-up."""
+        self.device = runner.device
+        if self.forward is not None:
+            self.forward.bind(runner)
+
     def take_metrics(self) -> dict:
         """CLaSp's counters changed since the last call (`ClaspStats.take_delta`)."""
         return self.stats.take_delta()
@@ -86,8 +93,8 @@ class ClaspProposer:
     def propose_for_runner(self, runner, scheduler_output, sampled_token_ids: list[list[int]]
                            ) -> tuple[list[list[int]], torch.Tensor | None]:
         """(draft tokens per input-batch row, q [n, K, V] float32 for sampled batches)."""
-        self.device = runner.device
-        self.forward.bind(runner)
+        if self.forward.rows is None:
+            self.bind(runner)
         self.planner.retain(runner.requests.keys())
         step = self._step_inputs(runner, scheduler_output, sampled_token_ids)
         plan = self.planner.plan(step)

@@ -40,8 +40,9 @@ class SkipForward:
         self.rows: PagedRows | None = None  # built from the runner at the first step
 
     def bind(self, runner) -> None:
-        if self.rows is None:
-            self.rows = PagedRows(runner)
+        """Build the paged-cache access for this runner's KV cache (ValueError if CLaSp
+        cannot draft on it); called once the runner's KV cache exists."""
+        self.rows = PagedRows(runner)
 
     # ------------------------------------------------------------------ DP
     def search(
@@ -169,9 +170,9 @@ class SkipForward:
             column = keep[:, layers[0]]
             sub = column.nonzero().squeeze(1)  # [A'] indices into the active rows
             names = [stack.all_attention_names[layer] for layer in layers]
-            built, positions_dev, slot = rows.build(batch_rows[sub], positions[sub], names)
+            built, positions_dev, built_slots = rows.build(batch_rows[sub], positions[sub], names)
             metadata.update(built)
-            slots.update(dict.fromkeys(names, slot))
+            slots.update(built_slots)
             whole = len(sub) == len(batch_rows)
             for layer in layers:
                 plan[layer] = (None if whole else sub.to(rows.device), positions_dev)
