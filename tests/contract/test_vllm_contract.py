@@ -719,7 +719,7 @@ def test_scheduler_stats_field_crosses_vllms_serialiser():
         register()  # as vLLM does in every process; the patches stay inert
     require(STATS_FIELD_PATCH.applied, PATCHES_PY, "register() did not add SchedulerStats.clasp")
     stats = SchedulerStats(num_running_reqs=2)
-    stats.clasp = {"num_searches": 3, "layer_skips": {"4": 1}}
+    stats.clasp = {"num_dp_runs": 3, "layer_skips": {"4": 1}}
     decoded = MsgpackDecoder(EngineCoreOutputs).decode(
         MsgpackEncoder().encode(EngineCoreOutputs(scheduler_stats=stats)))
     require(decoded.scheduler_stats.clasp == stats.clasp, PATCHES_PY,
@@ -738,8 +738,8 @@ def test_runner_output_carries_extra_attributes_and_scheduler_attaches_stats(run
     require(not hasattr(ModelRunnerOutput, "__slots__") and dataclasses.is_dataclass(
         ModelRunnerOutput), PATCHES_PY, "ModelRunnerOutput cannot carry clasp_metrics (slots)")
     output = ModelRunnerOutput(req_ids=[], req_id_to_index={})
-    output.clasp_metrics = {"num_searches": 1}
-    require(pickle.loads(pickle.dumps(output)).clasp_metrics == {"num_searches": 1}, PATCHES_PY,
+    output.clasp_metrics = {"num_dp_runs": 1}
+    require(pickle.loads(pickle.dumps(output)).clasp_metrics == {"num_dp_runs": 1}, PATCHES_PY,
             "ModelRunnerOutput loses attributes in pickle (executor processes)")
     text = flat(source(host_original(clasp_patches.patch(8))))
     require("eco.scheduler_stats = stats" in text and "self.log_stats" in flat(

@@ -38,10 +38,10 @@ def test_prometheus_counters_equal_the_workers_counters(engines):
     llm = engines.get(dtype="float32", speculative_config=CLASP)
     engines.get(dtype="float32")  # a later engine unregisters every `vllm:` metric (as in CI)
     names = {
-        "num_searches": "vllm:clasp_dp_runs_total",
-        "num_search_calls": "vllm:clasp_dp_batches_total",
-        "num_draft_rounds": "vllm:clasp_model_draft_rounds_total",
-        "num_draft_tokens": "vllm:clasp_model_draft_tokens_total",
+        "num_dp_runs": "vllm:clasp_dp_runs_total",
+        "num_dp_batches": "vllm:clasp_dp_batches_total",
+        "num_model_draft_rounds": "vllm:clasp_model_draft_rounds_total",
+        "num_model_draft_tokens": "vllm:clasp_model_draft_tokens_total",
         "num_threshold_exits": "vllm:clasp_threshold_exits_total",
         "num_reoptimizations": "vllm:clasp_reoptimizations_total",
         "num_skip_set_changes": "vllm:clasp_skip_set_changes_total",
@@ -58,7 +58,7 @@ def test_prometheus_counters_equal_the_workers_counters(engines):
         print(f"{name}: {prom:.0f} (worker {worker})")
         # The last step's delta is sent with the step after it (stats are built after drafting).
         assert worker - 8 <= prom <= worker, (name, prom, worker)
-    assert worker_after["num_searches"] - worker_before["num_searches"] >= 6
+    assert worker_after["num_dp_runs"] - worker_before["num_dp_runs"] >= 6
     assert worker_after["num_reoptimizations"] > worker_before["num_reoptimizations"]
     # After the short request only it can still be tracked; finished requests are freed.
     assert _clasp_values("vllm:clasp_tracked_requests") <= 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -201,7 +202,7 @@ def fake_run(batch_sizes=(1, 4), sweep=True):
                     "draft_tokens": 0 if m == "plain" else 16 * len(qs),
                     "accepted": 0 if m == "plain" else 8 * len(qs),
                     "clasp": ({"search_time_s": 0.1 * wall, "draft_time_s": 0.3 * wall,
-                               "num_searches": 1, "skipped_layers": {"15": 4}}
+                               "num_dp_runs": 1, "skipped_layers": {"15": 4}}
                               if m.startswith("clasp") else None),
                 })
                 for q in qs:
@@ -299,9 +300,11 @@ def test_demo_summary_line():
                            for i, g in enumerate(["qa", "qa", "rag", "rag"])]
     text = demo.summary(result, show=1)
     assert text.startswith("### [qa] qa question 0\nanswer\n")
-    assert ("CLaSp: mean acceptance length 3.00, speedup 1.50x vs plain on 4 prompts"
-            in text)
-    assert "outputs identical: 4/4" in text
+    table = text.splitlines()[-3:]
+    assert "(4 prompts, batch 1, greedy)" in text
+    assert table[0].split() == ["plain", "10.0", "1.00x", "1.00", "-"]
+    assert table[1].split() == ["clasp", "15.0", "1.50x", "3.00", "4/4"]
+    assert table[2].split() == ["ngram", "12.0", "1.20x", "3.00", "3/4"]
 
 
 # --------------------------------------------------------------------------- CLI
@@ -377,3 +380,42 @@ def test_memory_line_reports_extra_peak_vs_plain():
 def test_builtin_clasp_layers_is_clasp_without_prompt_lookup():
     methods = parse_methods("plain,clasp-layers")
     assert methods[1].speculative_config == {"method": "clasp", "clasp_prompt_lookup_max": 0}
+
+
+# --------------------------------------------------------------------------- console
+
+
+def test_logs_to_file_catches_this_process_and_its_children(tmp_path, capfd):
+    import subprocess
+
+    from vllm_clasp.tools.console import logs_to_file, tail
+
+    log = tmp_path / "logs" / "demo.log"
+    with logs_to_file(log) as console:
+        os.write(1, b"to stdout\n")  # what vLLM's and torch's writes to fd 1 / 2 amount to
+        os.write(2, b"to stderr\n")
+        subprocess.run([sys.executable, "-c", "import sys; print('child out'); "
+                        "print('child err', file=sys.stderr)"], check=True)
+        print("for the person", file=console)
+    os.write(1, b"after\n")
+    text = log.read_text()
+    for line in ("to stdout", "to stderr", "child out", "child err"):
+        assert line in text
+    assert "for the person" not in text
+    out = capfd.readouterr().out
+    assert "for the person" in out and "after" in out and "child out" not in out
+    assert tail(log, 1) == "child err\n" or "child" in tail(log, 2)
+
+
+def test_quiet_prints_the_log_tail_when_the_run_fails(tmp_path, monkeypatch, capfd):
+    from vllm_clasp.tools.console import LOG_DIR_ENV, quiet
+
+    monkeypatch.setenv(LOG_DIR_ENV, str(tmp_path))
+    with pytest.raises(RuntimeError):
+        with quiet("demo", verbose=False):
+            os.write(1, b"vLLM said why\n")
+            raise RuntimeError("engine failed")
+    err = capfd.readouterr().err
+    assert "vLLM's own logs go to" in err and "vLLM said why" in err
+    with quiet("demo", verbose=True) as console:
+        assert console is None

@@ -18,30 +18,30 @@ def test_take_delta_reports_only_what_changed():
     stats.record_search(masks, [None, 1], seconds=0.5)
     stats.tracked_requests = 2
     first = stats.take_delta()
-    assert first["num_searches"] == 2 and first["num_search_calls"] == 1
+    assert first["num_dp_runs"] == 2 and first["num_dp_batches"] == 1
     assert first["search_time_s"] == 0.5
     assert first["layer_skips"] == {"0": 1, "2": 2}
     assert first["search_skip_counts"] == {"2": 1, "1": 1}
     assert (first["num_reoptimizations"], first["num_skip_set_changes"],
-            first["num_layers_changed"]) == (1, 1, 1)
+            first["num_skip_set_changed_layers"]) == (1, 1, 1)
     assert first["tracked_requests"] == 2
 
     stats.record_search(masks[:1], [0], seconds=0.25)
     stats.tracked_requests = 0
     second = stats.take_delta()
-    assert second["num_searches"] == 1 and second["search_time_s"] == 0.25
+    assert second["num_dp_runs"] == 1 and second["search_time_s"] == 0.25
     assert second["layer_skips"] == {"0": 1, "2": 1}
     assert (second["num_reoptimizations"], second["num_skip_set_changes"]) == (1, 0)
     assert second["tracked_requests"] == 0
     third = stats.take_delta()
-    assert third["num_searches"] == 0 and third["layer_skips"] == {}
+    assert third["num_dp_runs"] == 0 and third["layer_skips"] == {}
 
 
 def test_merge_deltas_adds_counters_and_keeps_the_latest_gauge():
-    a = {"num_searches": 2, "layer_skips": {"1": 2}, "tracked_requests": 5}
-    b = {"num_searches": 3, "layer_skips": {"1": 1, "4": 1}, "tracked_requests": 1}
+    a = {"num_dp_runs": 2, "layer_skips": {"1": 2}, "tracked_requests": 5}
+    b = {"num_dp_runs": 3, "layer_skips": {"1": 1, "4": 1}, "tracked_requests": 1}
     assert merge_deltas(None, b) == b
-    assert merge_deltas(a, b) == {"num_searches": 5, "layer_skips": {"1": 3, "4": 1},
+    assert merge_deltas(a, b) == {"num_dp_runs": 5, "layer_skips": {"1": 3, "4": 1},
                                   "tracked_requests": 1}
     assert a["layer_skips"] == {"1": 2}  # inputs untouched
 
@@ -93,8 +93,8 @@ def test_stat_logger_exports_prometheus_metrics_and_a_log_line(caplog):
     stat_logger = ClaspStatLogger(_config("unit-model"), engine_index=0)
     labels = {"model_name": "unit-model", "engine": "0"}
     before = _value("vllm:clasp_dp_runs_total", **labels) or 0.0
-    delta = {"num_searches": 3, "num_search_calls": 1, "search_time_s": 0.01,
-             "num_draft_rounds": 4, "num_draft_tokens": 9, "num_threshold_exits": 2,
+    delta = {"num_dp_runs": 3, "num_dp_batches": 1, "search_time_s": 0.01,
+             "num_model_draft_rounds": 4, "num_model_draft_tokens": 9, "num_threshold_exits": 2,
              "layer_skips": {"1": 3}, "search_skip_counts": {"2": 3}, "tracked_requests": 3}
     stat_logger.record(SimpleNamespace(clasp=delta), None)
     stat_logger.record(SimpleNamespace(clasp=None), None)  # steps without CLaSp news

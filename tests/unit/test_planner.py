@@ -121,8 +121,8 @@ def test_prompt_lookup_drafts_and_model_off_for_the_rest():
     # Row 0 copies what followed the earlier "5 6 7" (verification is free: all of it); row 1
     # gets nothing: a model draft would cost more than it is expected to gain.
     assert step(planner) == [[8, 9, 5, 6, 7], []]
-    assert planner.stats.num_prompt_lookup_rounds == 1 and planner.stats.num_plain_rounds == 1
-    assert planner.stats.num_plain_steps == 0  # one request drafted
+    assert planner.stats.num_prompt_lookup_rounds == 1 and planner.stats.num_speculation_off_rounds == 1
+    assert planner.stats.num_speculation_off_steps == 0  # one request drafted
     # The next step credits the previous one: 2 requests verified 2 + 5 tokens; request "a"
     # got 2 of its 5 copied tokens accepted (3 sampled = 2 accepted + the correction).
     step(planner, sampled=(3, 1))
@@ -154,7 +154,7 @@ def test_measured_costs_truncate_copied_drafts():
     # Verification as expensive as a whole step per token: nothing is worth verifying.
     planner = planner_with(cost=(fixed, fixed))
     assert step(planner) == [[], []]
-    assert planner.stats.num_plain_steps == 1 and planner.stats.num_unverified_draft_tokens == 5
+    assert planner.stats.num_speculation_off_steps == 1 and planner.stats.num_unverified_draft_tokens == 5
 
 
 def test_lookup_off_leaves_every_request_to_the_model():
@@ -188,10 +188,10 @@ def test_model_rows_are_searched_when_due_then_every_loi_drafting_steps():
     assert plan.model_rows == plan.search_rows == [0, 1]  # new requests: no skip set yet
     planner.record_search(plan, step_inputs, torch.stack([SKIP, ~SKIP]), seconds=0.01)
     assert planner.skip_masks(plan, step_inputs).tolist() == [SKIP.tolist(), (~SKIP).tolist()]
-    assert planner.stats.num_searches == 2
+    assert planner.stats.num_dp_runs == 2
     made = {0: np.array([3, 4]), 1: np.array([7])}
     assert planner.finish(plan, step_inputs, made, 0.002) == [[3, 4], [7]]
-    assert planner.stats.num_draft_rounds == 2 and planner.stats.num_draft_tokens == 3
+    assert planner.stats.num_model_draft_rounds == 2 and planner.stats.num_model_draft_tokens == 3
     assert planner.plan(inputs(sampled=(3, 2))).search_rows == []  # 1 step since the DP
     assert planner.plan(inputs(sampled=(1, 1))).search_rows == [0, 1]  # LOI = 2 reached
 

@@ -26,23 +26,23 @@ LOG_INTERVAL_S = 10.0
 
 @dataclass
 class ClaspStats:
-    num_searches: int = 0
+    num_dp_runs: int = 0
     """DP runs (one per request re-optimisation)."""
-    num_search_calls: int = 0
+    num_dp_batches: int = 0
     """Batched DP invocations (several requests share one)."""
     search_time_s: float = 0.0
-    num_draft_rounds: int = 0
+    num_model_draft_rounds: int = 0
     """Requests x verification steps that drafted."""
-    num_draft_tokens: int = 0
+    num_model_draft_tokens: int = 0
     draft_time_s: float = 0.0
     num_threshold_exits: int = 0
     """Draft steps whose top-1 probability fell under the draft-exit threshold."""
     num_prompt_lookup_rounds: int = 0
     """Requests x verification steps that drafted by prompt lookup instead of the model."""
     num_prompt_lookup_tokens: int = 0
-    num_plain_steps: int = 0
+    num_speculation_off_steps: int = 0
     """Steps that verified no draft token (no drafts, or none measured worth verifying)."""
-    num_plain_rounds: int = 0
+    num_speculation_off_rounds: int = 0
     """Requests x verification steps without a draft."""
     num_unverified_draft_tokens: int = 0
     """Candidate draft tokens left unverified because the cost model measured them not worth
@@ -53,7 +53,7 @@ class ClaspStats:
     """Re-optimisations (DP runs for a request that had a skip set) that changed the set."""
     num_reoptimizations: int = 0
     """DP runs for a request that already had a skip set."""
-    num_layers_changed: int = 0
+    num_skip_set_changed_layers: int = 0
     """Sum over re-optimisations of |old skip set XOR new skip set|."""
     layer_skips: Counter = field(default_factory=Counter)
     """Per layer index: DP runs that chose to skip it."""
@@ -66,8 +66,8 @@ class ClaspStats:
 
     def record_search(self, masks: torch.Tensor, changed: list[int | None],
                       seconds: float) -> None:  # masks: [B, L] bool, the sets chosen
-        self.num_searches += len(changed)
-        self.num_search_calls += 1
+        self.num_dp_runs += len(changed)
+        self.num_dp_batches += 1
         self.search_time_s += seconds
         for layer, count in enumerate(masks.sum(dim=0).tolist()):
             if count:
@@ -77,7 +77,7 @@ class ClaspStats:
             if count is not None:
                 self.num_reoptimizations += 1
                 self.num_skip_set_changes += count > 0
-                self.num_layers_changed += count
+                self.num_skip_set_changed_layers += count
 
     def record_prompt_lookup(self, num_requests: int, num_tokens: int) -> None:
         self.num_prompt_lookup_rounds += num_requests
@@ -85,14 +85,14 @@ class ClaspStats:
 
     def record_drafts(self, skip: torch.Tensor, lengths: list[int],
                       seconds: float) -> None:  # skip: [R, L] bool
-        self.num_draft_rounds += len(lengths)
-        self.num_draft_tokens += sum(lengths)
+        self.num_model_draft_rounds += len(lengths)
+        self.num_model_draft_tokens += sum(lengths)
         self.draft_time_s += seconds
         self.skipped_layers.update(skip.sum(dim=1).tolist())
 
     def record_undrafted(self, num_requests: int, whole_step: bool) -> None:
-        self.num_plain_steps += whole_step
-        self.num_plain_rounds += num_requests
+        self.num_speculation_off_steps += whole_step
+        self.num_speculation_off_rounds += num_requests
 
     def record_unverified(self, num_tokens: int) -> None:
         self.num_unverified_draft_tokens += num_tokens
@@ -102,22 +102,22 @@ class ClaspStats:
 
     def as_dict(self) -> dict:
         return {
-            "num_searches": self.num_searches,
-            "num_search_calls": self.num_search_calls,
+            "num_dp_runs": self.num_dp_runs,
+            "num_dp_batches": self.num_dp_batches,
             "search_time_s": self.search_time_s,
-            "num_draft_rounds": self.num_draft_rounds,
-            "num_draft_tokens": self.num_draft_tokens,
+            "num_model_draft_rounds": self.num_model_draft_rounds,
+            "num_model_draft_tokens": self.num_model_draft_tokens,
             "draft_time_s": self.draft_time_s,
             "num_threshold_exits": self.num_threshold_exits,
             "num_prompt_lookup_rounds": self.num_prompt_lookup_rounds,
             "num_prompt_lookup_tokens": self.num_prompt_lookup_tokens,
-            "num_plain_steps": self.num_plain_steps,
-            "num_plain_rounds": self.num_plain_rounds,
+            "num_speculation_off_steps": self.num_speculation_off_steps,
+            "num_speculation_off_rounds": self.num_speculation_off_rounds,
             "num_unverified_draft_tokens": self.num_unverified_draft_tokens,
             "skipped_layers": dict(self.skipped_layers),
             "num_skip_set_changes": self.num_skip_set_changes,
             "num_reoptimizations": self.num_reoptimizations,
-            "num_layers_changed": self.num_layers_changed,
+            "num_skip_set_changed_layers": self.num_skip_set_changed_layers,
             "layer_skips": dict(self.layer_skips),
             "search_skip_counts": dict(self.search_skip_counts),
         }
@@ -143,15 +143,15 @@ class ClaspStats:
         if now - self._last_log < LOG_INTERVAL_S:
             return
         self._last_log = now
-        rounds = max(self.num_draft_rounds, 1)
+        rounds = max(self.num_model_draft_rounds, 1)
         logger.debug(
             "CLaSp worker: %d DP runs in %d batched searches (%.1f ms per search), %.2f draft tokens "
             "per round (%.1f ms per round), "
             "%d threshold exits, %d steps without drafts, %d requests tracked",
-            self.num_searches, self.num_search_calls,
-            1e3 * self.search_time_s / max(self.num_search_calls, 1),
-            self.num_draft_tokens / rounds, 1e3 * self.draft_time_s / rounds,
-            self.num_threshold_exits, self.num_plain_steps, num_tracked,
+            self.num_dp_runs, self.num_dp_batches,
+            1e3 * self.search_time_s / max(self.num_dp_batches, 1),
+            self.num_model_draft_tokens / rounds, 1e3 * self.draft_time_s / rounds,
+            self.num_threshold_exits, self.num_speculation_off_steps, num_tracked,
         )
 
 

@@ -40,8 +40,9 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import IO, Sequence
 
+from vllm_clasp.tools.console import quiet
 from vllm_clasp.tools.cpu_env import maybe_reexec_with_iomp, setup_iomp
 from vllm_clasp.tools.engine import (
     clasp_stats,
@@ -104,6 +105,9 @@ class BenchOptions:
     iomp: bool = True
     progress: bool = True
     print_table: bool = True
+    console: IO[str] | None = None
+    """Where progress bars and the report go (None: stderr and stdout); the demo and a quiet
+    bench hand the terminal here while vLLM's output goes to a log file."""
 
 
 # --------------------------------------------------------------------------- run
@@ -248,7 +252,7 @@ def _config(options: BenchOptions, model: str, methods: list[Method], groups: li
             engine_meta: dict[str, dict]) -> dict:
     """The run's settings as recorded in results.json, with each method's resolved config."""
     config = {k: v for k, v in dataclasses.asdict(options).items()
-              if k not in ("question_list", "methods", "progress", "print_table")}
+              if k not in ("question_list", "methods", "progress", "print_table", "console")}
     config.update(model=model, categories=groups, methods=[
         {"name": m.name, "speculative_config": m.speculative_config,
          "sweep": m.name.startswith("clasp-skip") and m.name[len("clasp-skip"):].isdigit(),
@@ -261,29 +265,44 @@ def _publish(options: BenchOptions, result: dict) -> None:
     if options.out:
         result["files"] = [str(p) for p in write_results(result, options.out)]
     if options.print_table:
-        print(format_report(result), flush=True)
+        out = options.console or sys.stdout
+        print(format_report(result), file=out, flush=True)
         if options.out:
-            print(f"results: {Path(options.out) / 'results.json'}", flush=True)
+            print(f"results: {Path(options.out) / 'results.json'}", file=out, flush=True)
+
+
+def _bar(options, total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, file=options.console or sys.stderr,
+                disable=not options.progress, dynamic_ncols=True)
 
 
 def _build_engines(options, model, methods, engines, errors, engine_meta) -> None:
+    with _bar(options, len(methods), "starting engines") as bar:
+        for method in methods:
+            bar.set_postfix_str(method.name)
+            _build_engine(options, model, method, engines, errors, engine_meta)
+            bar.update(1)
+
+
+def _build_engine(options, model, method, engines, errors, engine_meta) -> None:
     from vllm import LLM
 
-    for method in methods:
-        logger.info("starting engine %s: %s", method.name, method.speculative_config)
-        t0 = time.perf_counter()
-        try:
-            llm = LLM(model=model, dtype=options.dtype, enforce_eager=options.enforce_eager,
-                      max_model_len=options.max_model_len,
-                      speculative_config=method.speculative_config, disable_log_stats=False,
-                      seed=0)
-        except Exception as e:
-            errors.append(error_record(method.name, "build", e))
-            continue
-        engines[method.name] = llm
-        engine_meta[method.name] = {"build_s": time.perf_counter() - t0,
-                                    "speculative": engine_info(llm),
-                                    "worker": worker_info(llm)}
+    logger.info("starting engine %s: %s", method.name, method.speculative_config)
+    t0 = time.perf_counter()
+    try:
+        llm = LLM(model=model, dtype=options.dtype, enforce_eager=options.enforce_eager,
+                  max_model_len=options.max_model_len,
+                  speculative_config=method.speculative_config, disable_log_stats=False,
+                  seed=0)
+    except Exception as e:
+        errors.append(error_record(method.name, "build", e))
+        return
+    engines[method.name] = llm
+    engine_meta[method.name] = {"build_s": time.perf_counter() - t0,
+                                "speculative": engine_info(llm),
+                                "worker": worker_info(llm)}
 
 
 def _warm_up(options, engines, prompts, errors, engine_meta) -> None:
@@ -291,19 +310,21 @@ def _warm_up(options, engines, prompts, errors, engine_meta) -> None:
 
     params = SamplingParams(temperature=options.temperature, max_tokens=options.max_tokens,
                             seed=0)
-    for name, llm in list(engines.items()):
-        t0 = time.perf_counter()
-        try:
-            for p in prompts[:options.warmup]:
-                llm.generate([p], params, use_tqdm=False)
-        except Exception as e:
-            drop_failed_engine(engines, errors, name, "warmup", e)
-            continue
-        engine_meta[name]["warmup_s"] = time.perf_counter() - t0
+    with _bar(options, len(engines), "warming up") as bar:
+        for name, llm in list(engines.items()):
+            bar.set_postfix_str(name)
+            t0 = time.perf_counter()
+            try:
+                for p in prompts[:options.warmup]:
+                    llm.generate([p], params, use_tqdm=False)
+            except Exception as e:
+                drop_failed_engine(engines, errors, name, "warmup", e)
+            else:
+                engine_meta[name]["warmup_s"] = time.perf_counter() - t0
+            bar.update(1)
 
 
 def _measure(options, engines, questions, prompts, errors) -> tuple[list[dict], list[dict]]:
-    from tqdm import tqdm
     from vllm import SamplingParams
 
     params = SamplingParams(temperature=options.temperature, max_tokens=options.max_tokens,
@@ -312,7 +333,7 @@ def _measure(options, engines, questions, prompts, errors) -> tuple[list[dict], 
     steps = sum(options.rounds * -(-n // b) for b in options.batch_sizes)
     records, calls = [], []
     rotation = 0
-    with tqdm(total=steps, desc="bench", file=sys.stderr, disable=not options.progress) as bar:
+    with _bar(options, steps, "measuring") as bar:
         for bs in options.batch_sizes:
             for rnd in range(options.rounds):
                 for start in range(0, n, bs):
@@ -431,7 +452,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="warm-up prompts per engine, excluded (default 2)")
     parser.add_argument("--no-iomp", action="store_true",
                         help="do not preload Intel OpenMP (libiomp5) on CPU")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show vLLM's own logs on the terminal (default: they go to a log "
+                             "file under ~/.cache/vllm-clasp/logs, whose path is printed)")
 
 
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
@@ -462,7 +486,8 @@ def run_cli(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     maybe_reexec_with_iomp(options.iomp)
     try:
-        result = run_bench(options)
+        with quiet("bench", args.verbose) as console:
+            result = run_bench(dataclasses.replace(options, console=console))
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"vllm-clasp bench: error: {e}", file=sys.stderr)
         return EXIT_ERROR

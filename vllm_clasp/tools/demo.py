@@ -1,18 +1,21 @@
 """`vllm-clasp demo`: offline generation with CLaSp on the default model, compared with plain.
 
-A small `vllm-clasp bench` run (methods plain and clasp, batch size 1, greedy): one prompt per
-Spec-Bench group when the questions file is there, else six built-in chat prompts. Prints a
-couple of CLaSp's answers, then the mean acceptance length and CLaSp's speedup over plain on
-the same prompts, and how many outputs are identical to plain's.
+A small `vllm-clasp bench` run (plain, clasp and vLLM's own ngram; batch size 1, greedy): one
+prompt per Spec-Bench group when the questions file is there, else six built-in chat prompts.
+The screen shows one progress bar per phase, a couple of CLaSp's answers and a short table
+(tokens/s, speedup over plain, mean acceptance length, outputs identical to plain's); vLLM's
+own logs go to a file whose path is printed (`--verbose` keeps them on the terminal).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
 from vllm_clasp.tools.bench import EXIT_ERROR, EXIT_USAGE, BenchOptions, run_bench
+from vllm_clasp.tools.console import quiet
 from vllm_clasp.tools.cpu_env import maybe_reexec_with_iomp
 from vllm_clasp.tools.methods import parse_methods
 from vllm_clasp.tools.questions import DEFAULT_QUESTIONS, Question
@@ -50,6 +53,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="answers to print (default 2)")
     parser.add_argument("--no-iomp", action="store_true",
                         help="do not preload Intel OpenMP (libiomp5) on CPU")
+    parser.add_argument("--others", default="ngram", metavar="METHODS",
+                        help="other speculative methods to compare, as `vllm-clasp bench "
+                             "--methods` names them (default ngram; '' for none)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show vLLM's own logs on the terminal (default: a log file)")
 
 
 def _options(args: argparse.Namespace) -> BenchOptions:
@@ -57,7 +65,9 @@ def _options(args: argparse.Namespace) -> BenchOptions:
     if args.questions and not os.path.isfile(path):
         raise FileNotFoundError(f"questions file {path!r} not found")
     common = dict(per_category=1, batch_sizes=(1,), max_tokens=args.max_tokens,
-                  dtype=args.dtype, methods=f"plain,clasp={args.clasp_config}", model=args.model,
+                  dtype=args.dtype, model=args.model,
+                  methods=",".join(["plain", f"clasp={args.clasp_config}",
+                                    *filter(None, args.others.split(","))]),
                   warmup=1, out=None, iomp=not args.no_iomp, print_table=False,
                   enforce_eager=args.enforce_eager)
     if os.path.isfile(path):
@@ -77,7 +87,8 @@ def run_cli(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     maybe_reexec_with_iomp(options.iomp)
     try:
-        result = run_bench(options)
+        with quiet("demo", args.verbose) as console:
+            result = run_bench(dataclasses.replace(options, console=console))
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"vllm-clasp demo: error: {e}", file=sys.stderr)
         return EXIT_ERROR
@@ -86,26 +97,31 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 def summary(result: dict, show: int = 2) -> str:
+    """A couple of CLaSp's answers, then one row per method: tokens/s, speedup over plain,
+    mean acceptance length and greedy outputs identical to plain's."""
     texts = {q["question_id"]: q for q in result["questions"]}
     lines = []
-    clasp = [r for r in result["records"] if r["method"] == "clasp"]
-    for r in clasp[:show]:
+    for r in [r for r in result["records"] if r["method"] == "clasp"][:show]:
         q = texts[r["question_id"]]
         question = " ".join(q.get("text", "").split())
         question = question if len(question) <= 160 else question[:157] + "..."
         lines += [f"### [{q['group']}] {question}", r["text"].strip(), ""]
-    row = find_row(result["summary"], 1, "overall", "clasp")
     for err in result["errors"]:
         lines.append(f"ERROR {err['method']} ({err['stage']}): {err['error']}")
-    if row is None:
+    rows = [(name, find_row(result["summary"], 1, "overall", name))
+            for name in dict.fromkeys(r["method"] for r in result["records"])]
+    rows = [(name, row) for name, row in rows if row is not None]
+    if not any(name == "clasp" for name, _ in rows):
         lines.append("CLaSp: no results")
         return "\n".join(lines)
-    tau = "n/a" if row["tau"] is None else f"{row['tau']:.2f}"
-    spd = "n/a" if row["speedup"] is None else f"{row['speedup']:.2f}x"
-    ident = "n/a" if row["identical"] is None else f"{row['identical']}/{row['compared']}"
-    base = find_row(result["summary"], 1, "overall", BASELINE)
-    lines.append(
-        f"CLaSp: mean acceptance length {tau}, speedup {spd} vs plain on {row['num_prompts']} "
-        f"prompts ({row['mean_tps']:.1f} vs {base['mean_tps']:.1f} tokens/s), outputs "
-        f"identical: {ident}")
+    prompts = rows[0][1]["num_prompts"]
+    lines.append(f"{'method':<8} {'tokens/s':>9} {'vs plain':>9} {'tau':>6} "
+                 f"{'identical':>10}   ({prompts} prompts, batch 1, greedy)")
+    for name, row in rows:
+        tau = "-" if row["tau"] is None else f"{row['tau']:.2f}"
+        speedup = "-" if row["speedup"] is None else f"{row['speedup']:.2f}x"
+        identical = ("-" if row["identical"] is None
+                     else f"{row['identical']}/{row['compared']}")
+        lines.append(f"{name:<8} {row['mean_tps']:>9.1f} {speedup:>9} {tau:>6} "
+                     f"{identical:>10}")
     return "\n".join(lines)

@@ -19,16 +19,16 @@ LABELS = ("model_name", "engine")
 
 # (delta key, metric name, help); Prometheus appends `_total` to counters.
 COUNTERS = (
-    ("num_searches", "vllm:clasp_dp_runs",
+    ("num_dp_runs", "vllm:clasp_dp_runs",
      "Requests whose skip set CLaSp's DP (re)computed (one per request and run)."),
-    ("num_search_calls", "vllm:clasp_dp_batches",
+    ("num_dp_batches", "vllm:clasp_dp_batches",
      "Batched DP invocations (the due requests of one step share one)."),
     ("search_time_s", "vllm:clasp_dp_seconds", "Wall time spent in the DP, in seconds."),
     ("draft_time_s", "vllm:clasp_draft_seconds",
      "Wall time spent drafting with the layer-skipped model, in seconds."),
-    ("num_draft_rounds", "vllm:clasp_model_draft_rounds",
+    ("num_model_draft_rounds", "vllm:clasp_model_draft_rounds",
      "Request x verification steps drafted by the layer-skipped model."),
-    ("num_draft_tokens", "vllm:clasp_model_draft_tokens",
+    ("num_model_draft_tokens", "vllm:clasp_model_draft_tokens",
      "Tokens drafted by the layer-skipped model."),
     ("num_prompt_lookup_rounds", "vllm:clasp_prompt_lookup_rounds",
      "Request x verification steps drafted by prompt lookup (clasp_prompt_lookup_max)."),
@@ -36,9 +36,9 @@ COUNTERS = (
      "Tokens drafted by prompt lookup."),
     ("num_threshold_exits", "vllm:clasp_threshold_exits",
      "Drafts cut short because the draft's top-1 probability fell under the threshold."),
-    ("num_plain_steps", "vllm:clasp_speculation_off_steps",
+    ("num_speculation_off_steps", "vllm:clasp_speculation_off_steps",
      "Steps that verified no draft token (nothing to draft, or nothing measured worth it)."),
-    ("num_plain_rounds", "vllm:clasp_speculation_off_rounds",
+    ("num_speculation_off_rounds", "vllm:clasp_speculation_off_rounds",
      "Request x verification steps without a draft."),
     ("num_unverified_draft_tokens", "vllm:clasp_unverified_draft_tokens",
      "Draft tokens left unverified because measured costs and acceptance said they would"
@@ -47,7 +47,7 @@ COUNTERS = (
      "DP runs for requests that already had a skip set (every LOI drafting steps)."),
     ("num_skip_set_changes", "vllm:clasp_skip_set_changes",
      "Re-optimisations that changed the request's skip set."),
-    ("num_layers_changed", "vllm:clasp_skip_set_changed_layers",
+    ("num_skip_set_changed_layers", "vllm:clasp_skip_set_changed_layers",
      "Layers entering or leaving skip sets at re-optimisations (|old XOR new|, summed)."),
 )
 
@@ -138,20 +138,20 @@ class ClaspStatLogger(StatLoggerBase):
         d, self._interval = self._interval, {}
         if not d:
             return
-        rounds = d.get("num_draft_rounds", 0)
-        drafted = rounds + d.get("num_prompt_lookup_rounds", 0) + d.get("num_plain_rounds", 0)
-        searches = d.get("num_search_calls", 0)
+        rounds = d.get("num_model_draft_rounds", 0)
+        drafted = rounds + d.get("num_prompt_lookup_rounds", 0) + d.get("num_speculation_off_rounds", 0)
+        searches = d.get("num_dp_batches", 0)
         logger.info(
             "Engine %03d CLaSp: %d DP runs (%.1f ms per batched search), model drafts on "
             "%.0f%% of request-steps (%.2f tokens, %.1f ms each), prompt-lookup drafts on "
             "%.0f%%, speculation off on %.0f%%; %d threshold exits, %d skip-set changes, "
             "%d requests tracked",
-            self.engine_index, d.get("num_searches", 0),
+            self.engine_index, d.get("num_dp_runs", 0),
             1e3 * d.get("search_time_s", 0.0) / max(searches, 1),
-            100 * rounds / max(drafted, 1), d.get("num_draft_tokens", 0) / max(rounds, 1),
+            100 * rounds / max(drafted, 1), d.get("num_model_draft_tokens", 0) / max(rounds, 1),
             1e3 * d.get("draft_time_s", 0.0) / max(rounds, 1),
             100 * d.get("num_prompt_lookup_rounds", 0) / max(drafted, 1),
-            100 * d.get("num_plain_rounds", 0) / max(drafted, 1),
+            100 * d.get("num_speculation_off_rounds", 0) / max(drafted, 1),
             d.get("num_threshold_exits", 0), d.get("num_skip_set_changes", 0), self._tracked,
         )
 
