@@ -92,4 +92,5 @@ def test_a_model_that_does_not_fit_is_refused_at_start_up(tiny_dir):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=600, env=env)
     assert result.returncode != 0
-    assert "CLaSp cannot draft with GraniteForCausalLM" in result.stderr, result.stderr[-3000:]
+    assert "CLaSp cannot draft with GraniteDecoderLayer" in result.stderr, result.stderr[-3000:]
+    assert "not (positions, hidden_states, residual)" in result.stderr
