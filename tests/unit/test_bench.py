@@ -419,3 +419,15 @@ def test_quiet_prints_the_log_tail_when_the_run_fails(tmp_path, monkeypatch, cap
     assert "vLLM's own logs go to" in err and "vLLM said why" in err
     with quiet("demo", verbose=True) as console:
         assert console is None
+
+
+def test_recorded_config_leaves_the_console_out():
+    import io
+    import json
+
+    from vllm_clasp.tools.bench import BenchOptions, _config
+
+    config = _config(BenchOptions(console=io.StringIO(), batch_sizes=(1, 8)), "model", [],
+                     ["qa"], {})
+    assert "console" not in config and config["batch_sizes"] == (1, 8)
+    json.dumps(config)

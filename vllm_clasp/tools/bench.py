@@ -251,8 +251,9 @@ def _result(options: BenchOptions, model: str, methods: list[Method], machine: d
 def _config(options: BenchOptions, model: str, methods: list[Method], groups: list[str],
             engine_meta: dict[str, dict]) -> dict:
     """The run's settings as recorded in results.json, with each method's resolved config."""
-    config = {k: v for k, v in dataclasses.asdict(options).items()
-              if k not in ("question_list", "methods", "progress", "print_table", "console")}
+    skip = ("question_list", "methods", "progress", "print_table", "console")
+    config = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)
+              if f.name not in skip}  # not asdict: it would deep-copy the console stream
     config.update(model=model, categories=groups, methods=[
         {"name": m.name, "speculative_config": m.speculative_config,
          "sweep": m.name.startswith("clasp-skip") and m.name[len("clasp-skip"):].isdigit(),

