@@ -431,3 +431,26 @@ def test_recorded_config_leaves_the_console_out():
                      ["qa"], {})
     assert "console" not in config and config["batch_sizes"] == (1, 8)
     json.dumps(config)
+
+
+def test_prompts_use_the_chat_template_or_the_text_for_a_base_model():
+    from vllm_clasp.tools.bench import _chat_prompts
+    from vllm_clasp.tools.questions import Question
+
+    class Tokenizer:
+        chat_template = None
+
+        def __call__(self, text, add_special_tokens):
+            return {"input_ids": [0] * (len(text.split()) + add_special_tokens)}
+
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            return f"<user>{messages[0]['content']}</user><assistant>"
+
+    questions = [Question("1", "qa", "qa", "two words"), Question("2", "qa", "qa", "x " * 50)]
+    base = Tokenizer()
+    kept, prompts, lengths = _chat_prompts(base, questions, max_model_len=10)
+    assert prompts == ["two words"] and lengths == [3] and kept == questions[:1]
+    chat = Tokenizer()
+    chat.chat_template = "{{ messages }}"
+    _, prompts, _ = _chat_prompts(chat, questions[:1], max_model_len=10)
+    assert prompts == ["<user>two words</user><assistant>"]

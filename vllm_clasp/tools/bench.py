@@ -210,12 +210,19 @@ def _run_engines(options: BenchOptions, model: str, methods: list[Method],
 
 def _chat_prompts(tokenizer, questions: list[Question], max_model_len: int
                   ) -> tuple[list[Question], list[str], list[int]]:
-    """Each question's first turn in the chat template, and its length in tokens; questions
-    whose prompt does not fit `max_model_len` are dropped (with a warning)."""
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q.text}],
-                                             tokenize=False, add_generation_prompt=True)
-               for q in questions]
-    prompt_tokens = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    """Each question's first turn in the chat template (a base model without one: the text
+    itself, as a completion prompt), and its length in tokens; questions whose prompt does
+    not fit `max_model_len` are dropped (with a warning)."""
+    if getattr(tokenizer, "chat_template", None):
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q.text}],
+                                                 tokenize=False, add_generation_prompt=True)
+                   for q in questions]
+        special = False  # the template already holds the special tokens
+    else:
+        logger.info("the model has no chat template: questions are completion prompts")
+        prompts, special = [q.text for q in questions], True
+    prompt_tokens = [len(tokenizer(p, add_special_tokens=special)["input_ids"])
+                     for p in prompts]
     keep = [i for i, n in enumerate(prompt_tokens) if n < max_model_len]
     if len(keep) < len(questions):
         logger.warning("skipping %d prompts longer than --max-model-len",
