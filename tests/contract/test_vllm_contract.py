@@ -409,6 +409,17 @@ def test_every_runner_attribute_the_glue_reads(runner_cls):
     require(not missing, PROPOSER_PY + " / " + PAGED_ROWS_PY, f"InputBatch no longer has {missing}")
 
 
+def test_request_state_carries_max_tokens():
+    """The proposer caps drafts by what a request may still generate."""
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.worker.gpu_input_batch import CachedRequestState
+
+    fields = {f.name for f in dataclasses.fields(CachedRequestState)}
+    require("sampling_params" in fields, PROPOSER_PY, "CachedRequestState.sampling_params gone")
+    require(SamplingParams(max_tokens=7).max_tokens == 7, PROPOSER_PY,
+            "SamplingParams.max_tokens changed")
+
+
 def test_kv_cache_config_groups():
     from vllm.v1.kv_cache_interface import (
         AttentionSpec, FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, SlidingWindowSpec,

@@ -71,7 +71,8 @@ def test_a_full_model_draft_is_always_accepted(engines, tiny_dir, family):
     drafted = counters["vllm:spec_decode_num_draft_tokens"]
     accepted = counters["vllm:spec_decode_num_accepted_tokens"]
     print(f"{family}: {drafts} drafts, {drafted} draft tokens, {accepted} accepted")
-    assert drafts > 0 and drafted == K * drafts
+    # Drafts are K long but for the last steps (never past max_tokens).
+    assert drafts > 0 and K * (drafts - K) <= drafted <= K * drafts
     assert accepted == drafted, f"{family}: the full-model draft differs from the model"
     if family in SLIDING:
         plain = greedy(engines.get(model=tiny_dir(family)))

@@ -157,6 +157,16 @@ def test_measured_costs_truncate_copied_drafts():
     assert planner.stats.num_speculation_off_steps == 1 and planner.stats.num_unverified_draft_tokens == 5
 
 
+def test_drafts_never_exceed_the_room_each_request_has():
+    """max_draft: K, clipped by the context left and by max_tokens (a request with one token
+    to go drafts nothing)."""
+    planner = planner_with()
+    step_inputs = inputs()
+    step_inputs.max_draft = np.array([2, 0])
+    plan = planner.plan(step_inputs)
+    assert plan.rows == [0] and plan.copied[0].tolist() == [8, 9]
+
+
 def test_lookup_off_leaves_every_request_to_the_model():
     planner = planner_with(lookup=0, adaptive=False)
     plan = planner.plan(inputs())

@@ -123,10 +123,26 @@ class ClaspProposer:
         return StepInputs(
             req_ids=req_ids, token_ids=batch.token_ids_cpu, num_tokens=num_tokens,
             num_sampled=num_sampled + [0] * (n - len(num_sampled)),
-            max_draft=np.minimum(self.num_speculative_tokens, self.max_model_len - num_tokens),
+            max_draft=np.minimum(np.minimum(self.num_speculative_tokens,
+                                            self.max_model_len - num_tokens),
+                                 self._tokens_left(runner, req_ids) - 1),
             seeded=frozenset(batch.sampling_metadata.generators or ()),
             has_prefill=bool(scheduler_output.scheduled_new_reqs),
         )
+
+    @staticmethod
+    def _tokens_left(runner, req_ids: list[str]) -> np.ndarray:
+        """[n]: tokens each request may still generate (max_tokens less its output so far).
+        A verification step yields its accepted drafts plus one, so drafting more than this
+        minus one verifies tokens the request will never keep."""
+        batch = runner.input_batch
+        n = len(req_ids)
+        produced = batch.num_tokens_no_spec[:n] - batch.num_prompt_tokens[:n]  # [n]
+        limits = np.array([
+            getattr(getattr(runner.requests.get(r), "sampling_params", None), "max_tokens",
+                    None) or np.iinfo(np.int32).max
+            for r in req_ids], dtype=np.int64)  # [n]
+        return limits - produced
 
     def _model_drafts(self, runner, plan: Plan, step: StepInputs):
         """Layer-skipped drafts for plan.model_rows: ({row: tokens}, q or None, seconds)."""
