@@ -164,7 +164,10 @@ def test_drafts_never_exceed_the_room_each_request_has():
     step_inputs = inputs()
     step_inputs.max_draft = np.array([2, 0])
     plan = planner.plan(step_inputs)
-    assert plan.rows == [0] and plan.copied[0].tolist() == [8, 9]
+    assert plan.rows == [0, 1]  # both decode (and count in the step's cost)...
+    assert plan.copied[0].tolist() == [8, 9] and plan.model_rows == []  # ...row 1 drafts none
+    assert planner.finish(plan, step_inputs, {}, 0.0) == [[8, 9], []]
+    assert planner.stats.num_speculation_off_rounds == 1
 
 
 def test_lookup_off_leaves_every_request_to_the_model():

@@ -63,7 +63,7 @@ class StepInputs:
 class Plan:
     """The planner's decisions for one step before any model work."""
 
-    rows: list[int]  # rows that decode and may draft
+    rows: list[int]  # rows that decode this step (each verifies at least its own token)
     copied: dict[int, np.ndarray]  # row -> prompt-lookup draft worth verifying
     model_rows: list[int]  # rows to draft with the layer-skipped model (ascending)
     search_rows: list[int]  # of model_rows: due for a DP run before drafting
@@ -116,15 +116,15 @@ class StepPlanner:
     # ------------------------------------------------------------------ planning
     def plan(self, step: StepInputs) -> Plan | None:
         """Credit the last plan, then decide lookups and model rows; None: nobody decodes."""
-        rows = [i for i, n in enumerate(step.num_sampled[: len(step.req_ids)])
-                if n and step.max_draft[i] > 0]
+        rows = [i for i, n in enumerate(step.num_sampled[: len(step.req_ids)]) if n]
         self._credit(step, len(rows))
         if not rows:
             return None
         started = self.clock()
         cost = self._step_cost(len(rows))
-        copied = self._lookups(step, rows, cost)
-        candidates = [i for i in rows if i not in copied]
+        may_draft = [i for i in rows if step.max_draft[i] > 0]  # room left to draft
+        copied = self._lookups(step, may_draft, cost)
+        candidates = [i for i in may_draft if i not in copied]
         model_rows = self._model_rows(step, cost, candidates, copied, len(rows))
         # LOI counts the steps a request drafted with its skip set; steps without model drafts
         # would otherwise make every occasional model draft pay for a DP run.

@@ -29,14 +29,17 @@ class PagedRows:
     def __init__(self, runner):
         """Raises ValueError for a KV cache CLaSp cannot draft on (not attention, or a
         backend that writes the cache inside its forward)."""
-        from vllm.v1.kv_cache_interface import AttentionSpec
+        from vllm.v1.kv_cache_interface import AttentionSpec, UniformTypeKVCacheSpecs
 
         self.runner = runner
         self.device = runner.device
         self.groups: list[_CacheGroup] = []
         for gid, kv_group in enumerate(runner.kv_cache_config.kv_cache_groups):
             spec = kv_group.kv_cache_spec
-            if not isinstance(spec, AttentionSpec):
+            # One group may hold attention layers of different shapes (UniformTypeKVCacheSpecs).
+            specs = (list(spec.kv_cache_specs.values())
+                     if isinstance(spec, UniformTypeKVCacheSpecs) else [spec])
+            if not all(isinstance(s, AttentionSpec) for s in specs):
                 raise ValueError(
                     f"CLaSp drafts on attention KV caches; KV-cache group {gid} of this model "
                     f"is {type(spec).__name__}"
