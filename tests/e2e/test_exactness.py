@@ -25,6 +25,23 @@ CLASP = {"method": "clasp", "clasp_adaptive": False, "clasp_prompt_lookup_max": 
 MAX_MARGIN = {"float32": 0.05, "bfloat16": 0.5}
 
 
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 / AMX). There oneDNN's bf16
+    kernels for a K+1-token verification and a 1-token decode round differently, and bf16
+    logits tie exactly often (top-2 margin 0.0), so many prompts diverge at ties; where bf16
+    is emulated (AVX2 only) the two paths round alike and divergences are rare."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+# Share of prompts allowed to diverge (each at a near-tie, to one of plain's top-2 tokens).
+MAX_DIFFERING = {"float32": 0.05, "bfloat16": 1.0 if native_bf16() else 0.05}
+
+
 def generate(llm, prompts: list[str], batch_size: int) -> list[list[int]]:
     from vllm import SamplingParams
 
@@ -36,8 +53,9 @@ def generate(llm, prompts: list[str], batch_size: int) -> list[list[int]]:
     return out
 
 
-def top2_margin(plain, prompt: str, prefix: list[int]) -> float:
-    """The target's top-2 log-prob margin for the token after prompt + prefix."""
+def top2_margin(plain, prompt: str, prefix: list[int]) -> tuple[float, set[int]]:
+    """The target's top-2 log-prob margin for the token after prompt + prefix, and the two
+    tokens."""
     from vllm import SamplingParams, TokensPrompt
 
     prompt_ids = plain.get_tokenizer().encode(prompt, add_special_tokens=False)
@@ -45,8 +63,9 @@ def top2_margin(plain, prompt: str, prefix: list[int]) -> float:
         TokensPrompt(prompt_token_ids=prompt_ids + prefix),
         SamplingParams(temperature=0, max_tokens=1, logprobs=2), use_tqdm=False,
     )[0]
-    top = sorted((lp.logprob for lp in result.outputs[0].logprobs[0].values()), reverse=True)
-    return top[0] - top[1]
+    logprobs = result.outputs[0].logprobs[0]
+    top = sorted(logprobs.items(), key=lambda item: -item[1].logprob)[:2]
+    return top[0][1].logprob - top[1][1].logprob, {token for token, _ in top}
 
 
 def assert_matches_plain(plain, prompts, reference, candidate, dtype, label):
@@ -57,15 +76,18 @@ def assert_matches_plain(plain, prompts, reference, candidate, dtype, label):
         position = next(
             (i for i, (a, b) in enumerate(zip(ref, got)) if a != b), min(len(ref), len(got))
         )
-        margin = top2_margin(plain, prompt, ref[:position])
-        differing.append((position, margin))
+        margin, top2 = top2_margin(plain, prompt, ref[:position])
+        chosen = got[position] if position < len(got) else None
+        differing.append((position, margin, chosen in top2))
         print(f"[{label}] differs at token {position}: top-2 margin {margin:.4f}")
     print(f"[{label}] identical: {len(prompts) - len(differing)}/{len(prompts)}")
-    assert len(differing) <= 0.05 * len(prompts), f"{label}: {len(differing)} prompts differ"
-    for position, margin in differing:
-        assert margin <= MAX_MARGIN[dtype], (
+    assert len(differing) <= MAX_DIFFERING[dtype] * len(prompts), (
+        f"{label}: {len(differing)} prompts differ")
+    for position, margin, in_top2 in differing:
+        assert margin <= MAX_MARGIN[dtype] and in_top2, (
             f"{label}: divergence at token {position} with top-2 margin {margin:.3f} "
-            "is not a near-tie: a real bug, not numerics"
+            f"(CLaSp's token among plain's top 2: {in_top2}) is not a near-tie: a real bug, "
+            "not numerics"
         )
 
 
