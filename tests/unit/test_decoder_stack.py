@@ -4,7 +4,6 @@ inputs than it verifies with)."""
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from vllm_clasp.vllm.decoder_stack import _embedding_rewrites

@@ -19,7 +19,7 @@ from vllm_clasp.tools.console import quiet
 from vllm_clasp.tools.cpu_env import maybe_reexec_with_iomp
 from vllm_clasp.tools.methods import parse_methods
 from vllm_clasp.tools.questions import DEFAULT_QUESTIONS, Question
-from vllm_clasp.tools.report import BASELINE, find_row
+from vllm_clasp.tools.report import find_row
 
 BUILTIN_PROMPTS = [
     ("writing", "Write a short, friendly email inviting a colleague to lunch on Friday."),

@@ -93,7 +93,7 @@ class ClaspProposer:
     def propose_for_runner(self, runner, scheduler_output, sampled_token_ids: list[list[int]]
                            ) -> tuple[list[list[int]], torch.Tensor | None]:
         """(draft tokens per input-batch row, q [n, K, V] float32 for sampled batches)."""
-        if self.forward.rows is None:
+        if self.forward.paged is None:
             self.bind(runner)
         self.planner.retain(runner.requests.keys())
         step = self._step_inputs(runner, scheduler_output, sampled_token_ids)

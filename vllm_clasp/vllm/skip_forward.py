@@ -37,12 +37,12 @@ class SkipForward:
         self.num_speculative_tokens = num_speculative_tokens
         self.broadcast = broadcast
         self.never_skip = torch.tensor(options.never_skip)  # [L] bool
-        self.rows: PagedRows | None = None  # built from the runner at the first step
+        self.paged: PagedRows | None = None  # the runner's KV cache, bound at start-up
 
     def bind(self, runner) -> None:
         """Build the paged-cache access for this runner's KV cache (ValueError if CLaSp
         cannot draft on it); called once the runner's KV cache exists."""
-        self.rows = PagedRows(runner)
+        self.paged = PagedRows(runner)
 
     # ------------------------------------------------------------------ DP
     def search(
@@ -52,7 +52,7 @@ class SkipForward:
         num_tokens: np.ndarray,  # [n] tokens so far per row
     ) -> torch.Tensor:  # [B, L] bool skip masks, rank 0's on every rank
         """Skip masks from each row's last accepted token's trajectory."""
-        stack, rows = self.stack, self.rows
+        stack, paged = self.stack, self.paged
         last = num_tokens[batch_rows] - 2  # position of the last accepted (cached) token
         positions = torch.from_numpy(last.astype(np.int64))  # [B]
         row_index = torch.tensor(batch_rows, dtype=torch.long)  # [B]
@@ -60,7 +60,7 @@ class SkipForward:
 
         def run(layer: int, states: torch.Tensor, req_rows: torch.Tensor) -> torch.Tensor:
             req_rows_cpu = req_rows.cpu()
-            metadata, positions_dev, _ = rows.build(
+            metadata, positions_dev, _ = paged.build(
                 row_index[req_rows_cpu], positions[req_rows_cpu], stack.attention_names[layer]
             )
             with self._forward_context(metadata, len(req_rows_cpu), slot_mapping={}):
@@ -68,7 +68,7 @@ class SkipForward:
 
         # Only h_0 is given: each layer's call also carries the B trajectory rows, so the
         # full-model trajectory and the candidates share one call per layer.
-        embeddings = stack.embed(tokens.to(rows.device))  # [B, d]
+        embeddings = stack.embed(tokens.to(paged.device))  # [B, d]
         search = search_skip_sets(
             embeddings.unsqueeze(0), run, max_skip=self.options.num_skip,
             never_skip=self.never_skip, num_layers=stack.num_layers,
@@ -94,7 +94,7 @@ class SkipForward:
         R = len(batch_rows)
         temperature = None if sampling.all_greedy else sampling.temperature  # [n] device
         threshold = self.options.draft_exit_threshold
-        current = last_tokens.to(self.rows.device)  # [R]
+        current = last_tokens.to(self.paged.device)  # [R]
         out_tokens = torch.zeros(R, self.num_speculative_tokens, dtype=torch.long)
         out_probs = None  # [R, K, V'] once a sampled row drafts
         lengths = [0] * R
@@ -103,7 +103,7 @@ class SkipForward:
         for step in range(int(max_draft.max())):
             new_tokens, confidence, probs = self._draft_step(
                 batch_rows[active], num_tokens[active] - 1 + step, keep[active],
-                current[active.to(self.rows.device)], temperature, sampling.generators or {},
+                current[active.to(self.paged.device)], temperature, sampling.generators or {},
             )
             out_tokens[active, step] = new_tokens
             if temperature is not None:
@@ -113,7 +113,7 @@ class SkipForward:
             for row in active.tolist():
                 lengths[row] = step + 1
             stats.record_exits(int((confidence < threshold).sum()))
-            current[active.to(self.rows.device)] = new_tokens.to(self.rows.device)
+            current[active.to(self.paged.device)] = new_tokens.to(self.paged.device)
             active = active[(confidence >= threshold) & (max_draft[active] > step + 1)]
             if len(active) == 0:
                 break
@@ -159,7 +159,7 @@ class SkipForward:
         Returns (metadata by layer name, slots by layer name, {layer: (rows or None, positions)})
         in layer order; rows is None when every active row runs the layer.
         """
-        stack, rows = self.stack, self.rows
+        stack, paged = self.stack, self.paged
         layers_by_subset: dict[bytes, list[int]] = {}
         for layer in range(stack.num_layers):
             column = keep[:, layer]
@@ -170,12 +170,12 @@ class SkipForward:
             column = keep[:, layers[0]]
             sub = column.nonzero().squeeze(1)  # [A'] indices into the active rows
             names = [stack.all_attention_names[layer] for layer in layers]
-            built, positions_dev, built_slots = rows.build(batch_rows[sub], positions[sub], names)
+            built, positions_dev, built_slots = paged.build(batch_rows[sub], positions[sub], names)
             metadata.update(built)
             slots.update(built_slots)
             whole = len(sub) == len(batch_rows)
             for layer in layers:
-                plan[layer] = (None if whole else sub.to(rows.device), positions_dev)
+                plan[layer] = (None if whole else sub.to(paged.device), positions_dev)
         return metadata, slots, dict(sorted(plan.items()))
 
     def _forward_context(self, metadata, num_tokens: int, slot_mapping):
