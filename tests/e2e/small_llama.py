@@ -10,14 +10,9 @@ acceptance rates.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
-)
-SEED = 0
-HEAD_STD = 0.5
+from tests.support.tiny_models import SEED, save_with_wide_head
 
 
 def build_small_llama(out_dir: Path, tokenizer_dir: Path) -> Path:
@@ -40,16 +35,4 @@ def build_small_llama(out_dir: Path, tokenizer_dir: Path) -> Path:
     )
     torch.manual_seed(SEED)
     model = LlamaForCausalLM(config).to(torch.float32).eval()
-    generator = torch.Generator().manual_seed(SEED + 1)
-    with torch.no_grad():
-        head = model.lm_head.weight
-        head.copy_(torch.randn(head.shape, generator=generator) * HEAD_STD)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        source = Path(tokenizer_dir) / name
-        if source.exists():
-            shutil.copy(source, tmp / name)
-    tmp.rename(out_dir)
-    return out_dir
+    return save_with_wide_head(model, out_dir, Path(tokenizer_dir))

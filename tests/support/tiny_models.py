@@ -68,6 +68,14 @@ def build_tiny_model(family: str, out_dir: Path, tokenizer_dir: Path) -> Path:
     )
     torch.manual_seed(SEED)
     model = getattr(transformers, model_name)(config).to(torch.float32).eval()
+    return save_with_wide_head(model, out_dir, tokenizer_dir)
+
+
+def save_with_wide_head(model, out_dir: Path, tokenizer_dir: Path) -> Path:
+    """Redraw the output head wide (no near-ties), save the checkpoint with the default
+    model's tokenizer files, atomically (a .partial directory renamed into place)."""
+    import torch
+
     generator = torch.Generator().manual_seed(SEED + 1)
     with torch.no_grad():
         head = model.get_output_embeddings().weight
