@@ -483,6 +483,19 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
     )
 
 
+def run_for_cli(tool: str, options: BenchOptions, verbose: bool) -> dict | None:
+    """`run_bench` as the `bench` and `demo` commands run it: Intel OpenMP preloaded (a
+    re-exec), vLLM's own output in a log file unless `verbose`; None, after printing why,
+    when it could not run."""
+    maybe_reexec_with_iomp(options.iomp)
+    try:
+        with quiet(tool, verbose) as console:
+            return run_bench(dataclasses.replace(options, console=console))
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"vllm-clasp {tool}: error: {e}", file=sys.stderr)
+        return None
+
+
 def run_cli(args: argparse.Namespace) -> int:
     try:
         options = options_from_args(args)
@@ -492,12 +505,8 @@ def run_cli(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"vllm-clasp bench: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    maybe_reexec_with_iomp(options.iomp)
-    try:
-        with quiet("bench", args.verbose) as console:
-            result = run_bench(dataclasses.replace(options, console=console))
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"vllm-clasp bench: error: {e}", file=sys.stderr)
+    result = run_for_cli("bench", options, args.verbose)
+    if result is None:
         return EXIT_ERROR
     for method in result["failing_methods"]:
         mm = result["mismatches"][method]

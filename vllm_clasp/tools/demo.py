@@ -10,13 +10,10 @@ own logs go to a file whose path is printed (`--verbose` keeps them on the termi
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 
-from vllm_clasp.tools.bench import EXIT_ERROR, EXIT_USAGE, BenchOptions, run_bench
-from vllm_clasp.tools.console import quiet
-from vllm_clasp.tools.cpu_env import maybe_reexec_with_iomp
+from vllm_clasp.tools.bench import EXIT_ERROR, EXIT_USAGE, BenchOptions, run_for_cli
 from vllm_clasp.tools.methods import parse_methods
 from vllm_clasp.tools.questions import DEFAULT_QUESTIONS, Question
 from vllm_clasp.tools.report import find_row
@@ -85,12 +82,8 @@ def run_cli(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"vllm-clasp demo: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    maybe_reexec_with_iomp(options.iomp)
-    try:
-        with quiet("demo", args.verbose) as console:
-            result = run_bench(dataclasses.replace(options, console=console))
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"vllm-clasp demo: error: {e}", file=sys.stderr)
+    result = run_for_cli("demo", options, args.verbose)
+    if result is None:
         return EXIT_ERROR
     print(summary(result, args.show))
     return result["exit_code"]

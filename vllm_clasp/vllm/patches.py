@@ -23,8 +23,6 @@ RUNNER_MODULE = "vllm.v1.worker.gpu_model_runner"
 PROPOSER_CLASS_PATH = "vllm_clasp.vllm.proposer.ClaspProposer"
 
 
-
-
 # vLLM's CLI shorthands for speculative-config keys: (flag, key, EngineArgs attribute).
 _SHORTHAND_FLAGS = (
     ("--spec-method", "method", "spec_method"),

@@ -39,7 +39,7 @@ class ClaspProposer:
         self.max_model_len = vllm_config.model_config.max_model_len
         self.vocab_size = vllm_config.model_config.get_vocab_size()
         self.tp_size = vllm_config.parallel_config.tensor_parallel_size
-        self.device: torch.device | None = None  # the runner's, known at the first step
+        self.device: torch.device | None = None  # the runner's, set by bind() at start-up
         self.stats = ClaspStats()
         self.planner: StepPlanner | None = None
         self.forward: SkipForward | None = None
@@ -93,8 +93,6 @@ class ClaspProposer:
     def propose_for_runner(self, runner, scheduler_output, sampled_token_ids: list[list[int]]
                            ) -> tuple[list[list[int]], torch.Tensor | None]:
         """(draft tokens per input-batch row, q [n, K, V] float32 for sampled batches)."""
-        if self.forward.paged is None:
-            self.bind(runner)
         self.planner.retain(runner.requests.keys())
         step = self._step_inputs(runner, scheduler_output, sampled_token_ids)
         plan = self.planner.plan(step)
