@@ -16,18 +16,19 @@ pytestmark = pytest.mark.engine
 CLASP = {"method": "clasp", "clasp_adaptive": False, "clasp_prompt_lookup_max": 0}
 
 
-def _clasp_values(name: str) -> float:
-    """Sum over label sets of one CLaSp metric, read from CLaSp's collectors themselves:
-    whether they are in the global registry right now depends on which engine this process
-    built last (each new vLLM engine unregisters all `vllm:` metrics; ours re-register on
-    their next update)."""
+def _clasp_values(name: str, model: str | None = None) -> float:
+    """Sum over label sets of one CLaSp metric (only `model`'s, when given), read from
+    CLaSp's collectors themselves: whether they are in the global registry right now depends
+    on which engine this process built last (each new vLLM engine unregisters all `vllm:`
+    metrics; ours re-register on their next update). Other models' engines built earlier in
+    the same process keep their own series (a gauge is not a difference)."""
     from vllm_clasp.vllm.metrics import _Collectors
 
     total = 0.0
     for collector in _Collectors._instance.all:
         for family in collector.collect():
             for sample in family.samples:
-                if sample.name == name:
+                if sample.name == name and model in (None, sample.labels.get("model_name")):
                     total += sample.value
     return total
 
@@ -61,9 +62,9 @@ def test_prometheus_counters_equal_the_workers_counters(engines):
     assert worker_after["num_dp_runs"] - worker_before["num_dp_runs"] >= 6
     assert worker_after["num_reoptimizations"] > worker_before["num_reoptimizations"]
     # After the short request only it can still be tracked; finished requests are freed.
-    assert _clasp_values("vllm:clasp_tracked_requests") <= 1
+    model = str(llm.llm_engine.vllm_config.model_config.served_model_name)
+    assert _clasp_values("vllm:clasp_tracked_requests", model) <= 1
     from prometheus_client import REGISTRY  # and they are back where get_metrics() reads
 
     assert REGISTRY.get_sample_value("vllm:clasp_dp_runs_total", {
-        "model_name": llm.llm_engine.vllm_config.model_config.served_model_name,
-        "engine": "0"}) is not None
+        "model_name": model, "engine": "0"}) is not None
