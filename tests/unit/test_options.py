@@ -23,14 +23,20 @@ from vllm_clasp.core.options import (
 
 ALL_KEYS = [
     "clasp_adaptive",
+    "clasp_copy_source",
     "clasp_draft_exit_threshold",
     "clasp_draft_vocab_size",
     "clasp_loi",
+    "clasp_max_model_draft_tokens",
     "clasp_never_skip",
     "clasp_prompt_lookup_max",
     "clasp_prompt_lookup_min",
     "clasp_skip_layers",
     "clasp_skip_ratio",
+    "clasp_suffix_decoding_max_cached_requests",
+    "clasp_suffix_decoding_max_spec_factor",
+    "clasp_suffix_decoding_max_tree_depth",
+    "clasp_suffix_decoding_min_token_prob",
 ]
 
 

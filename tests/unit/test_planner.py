@@ -14,7 +14,8 @@ import torch
 
 from vllm_clasp.core.draft_budget import DraftBudget, choose_lengths
 from vllm_clasp.core.options import ClaspOptions
-from vllm_clasp.core.planner import LOOKUP, MODEL, StepInputs, StepPlanner
+from vllm_clasp.core.copy_sources import NGRAM as LOOKUP
+from vllm_clasp.core.planner import MODEL, StepInputs, StepPlanner
 
 REPEATED = [5, 6, 7, 8, 9, 5, 6, 7]  # row 0 ends in a repeat of "5 6 7"
 FRESH = [1, 2, 3, 4, 10, 11, 12, 13]  # row 1 has no repeat
@@ -37,10 +38,10 @@ class FixedCost(DraftBudget):
         self.observed.append((batch_size, tokens_verified))
 
 
-def planner_with(cost=(0.05, 0.0), lookup: int = 3, adaptive: bool = True, **kwargs
-                 ) -> StepPlanner:
-    options = ClaspOptions(prompt_lookup_max=lookup, adaptive=adaptive, loi=16).resolve(
-        num_layers=3, vocab_size=100)
+def planner_with(cost=(0.05, 0.0), lookup: int = 3, adaptive: bool = True,
+                 copy_source: str = "ngram", **kwargs) -> StepPlanner:
+    options = ClaspOptions(prompt_lookup_max=lookup, adaptive=adaptive, loi=16,
+                           copy_source=copy_source).resolve(num_layers=3, vocab_size=100)
     budget = FixedCost(cost) if adaptive else None
     return StepPlanner(options, budget=budget, **kwargs)
 
@@ -121,7 +122,7 @@ def test_prompt_lookup_drafts_and_model_off_for_the_rest():
     # Row 0 copies what followed the earlier "5 6 7" (verification is free: all of it); row 1
     # gets nothing: a model draft would cost more than it is expected to gain.
     assert step(planner) == [[8, 9, 5, 6, 7], []]
-    assert planner.stats.num_prompt_lookup_rounds == 1 and planner.stats.num_speculation_off_rounds == 1
+    assert planner.stats.num_copy_draft_rounds == 1 and planner.stats.num_speculation_off_rounds == 1
     assert planner.stats.num_speculation_off_steps == 0  # one request drafted
     # The next step credits the previous one: 2 requests verified 2 + 5 tokens; request "a"
     # got 2 of its 5 copied tokens accepted (3 sampled = 2 accepted + the correction).
@@ -186,11 +187,11 @@ def test_model_drafts_go_to_requests_worth_their_cost():
         planner.acceptance.observe("a", MODEL, drafted=2, accepted=2)
         planner.acceptance.observe("b", MODEL, drafted=2, accepted=0)
     planner.budget.draft_ratio = 0.1  # a cheap draft: worth it for "a" alone
-    assert planner._model_rows(step_inputs, (0.05, 0.001), [0, 1], {}, 2) == [0]
+    assert planner._model_rows(step_inputs, (0.05, 0.001), [0, 1], {}, {}, 2) == [0]
     planner.budget.draft_ratio = 5.0  # drafting dearer than anything it could gain
-    assert planner._model_rows(step_inputs, (0.05, 0.001), [0, 1], {}, 2) == []
+    assert planner._model_rows(step_inputs, (0.05, 0.001), [0, 1], {}, {}, 2) == []
     # No fit yet, or exploring: one request (the most promising) drafts, to measure.
-    assert planner._model_rows(step_inputs, None, [0, 1], {}, 2) == [0]
+    assert planner._model_rows(step_inputs, None, [0, 1], {}, {}, 2) == [0]
 
 
 def test_model_rows_are_searched_when_due_then_every_loi_drafting_steps():
@@ -239,8 +240,8 @@ def test_seeded_requests_draft_by_the_fixed_policy_whatever_the_costs():
     assert planner.plan(inputs(seeded={1})).model_rows == [1]
     planner.budget.draft_ratio = 5.0  # model drafts never pay for unseeded requests
     step_inputs = inputs(seeded={1})
-    assert planner._model_rows(step_inputs, (0.05, 0.001), [0, 1], {}, 2) == [1]
-    assert planner._model_rows(step_inputs, None, [0, 1], {}, 2) == [0, 1]
+    assert planner._model_rows(step_inputs, (0.05, 0.001), [0, 1], {}, {}, 2) == [1]
+    assert planner._model_rows(step_inputs, None, [0, 1], {}, {}, 2) == [0, 1]
 
 
 # ------------------------------------------------------------------ tensor parallelism

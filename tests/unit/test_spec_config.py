@@ -16,7 +16,9 @@ import time
 import pytest
 
 from vllm_clasp.tools.model_prep import prepare_model
-from vllm_clasp.core.options import DEFAULT_NUM_SPECULATIVE_TOKENS, ClaspOptions
+from vllm_clasp.core.options import (
+    DEFAULT_MAX_MODEL_DRAFT_TOKENS, DEFAULT_SUFFIX_MAX_TREE_DEPTH, ClaspOptions,
+)
 
 # vLLM's own error wording, per supported release (scripts/check-host.sh runs these tests over
 # each release's sources).
@@ -87,8 +89,11 @@ def test_defaults(make_config):
     assert type(spec) is ClaspSpeculativeConfig
     assert isinstance(spec, SpeculativeConfig)
     assert spec.method == "clasp"
-    assert spec.num_speculative_tokens == DEFAULT_NUM_SPECULATIVE_TOKENS == 8
-    assert config.num_lookahead_tokens == 8
+    # With arctic-inference (installed by scripts/setup.sh) copies come from suffix trees and
+    # K defaults to the tree depth, as for vLLM's `suffix` method; the lookahead KV slots are
+    # what the layer-skip drafts write (8), not K.
+    assert spec.num_speculative_tokens == DEFAULT_SUFFIX_MAX_TREE_DEPTH == 24
+    assert config.num_lookahead_tokens == DEFAULT_MAX_MODEL_DRAFT_TOKENS == 8
     assert config.use_v2_model_runner is False
     # Patch 3 lists clasp as a V2-unsupported feature (decisive on GPU, where V2 is the default;
     # on CPU V1 is chosen anyway because Triton has no CPU backend).

@@ -12,15 +12,31 @@ tests check both against this class (`knob_names()`).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass, field
 
 DEFAULT_NUM_SPECULATIVE_TOKENS = 8
+"""K without a suffix-tree copy source: the longest draft verified in one step."""
+DEFAULT_MAX_MODEL_DRAFT_TOKENS = 8
 DEFAULT_SKIP_RATIO = 0.3
 DEFAULT_LOI = 16
 DEFAULT_DRAFT_VOCAB_SIZE = 16384
 DEFAULT_DRAFT_EXIT_THRESHOLD = 0.7
 DEFAULT_PROMPT_LOOKUP_MAX = 5
 DEFAULT_PROMPT_LOOKUP_MIN = 3
+# vLLM's own defaults for its `suffix` method (vllm/config/speculative.py), which CLaSp's suffix
+# copy source mirrors; with it K defaults to the tree depth, as in vLLM.
+DEFAULT_SUFFIX_MAX_TREE_DEPTH = 24
+DEFAULT_SUFFIX_MAX_CACHED_REQUESTS = 10000
+DEFAULT_SUFFIX_MAX_SPEC_FACTOR = 1.0
+DEFAULT_SUFFIX_MIN_TOKEN_PROB = 0.1
+
+COPY_SOURCES = ("auto", "suffix", "ngram", "none")
+SUFFIX_LIBRARY = "arctic_inference"
+SUFFIX_INSTALL_HINT = (
+    "pip install 'vllm-clasp[suffix]' (arctic-inference builds a small C++ extension; see "
+    "README.md, or run scripts/setup.sh)"
+)
 
 KNOB_PREFIX = "clasp_"
 METHOD = "clasp"
@@ -30,6 +46,11 @@ METHOD = "clasp"
 def is_clasp(speculative_config) -> bool:
     """Whether a vLLM speculative config (or None) asks for CLaSp: the one place that says."""
     return speculative_config is not None and getattr(speculative_config, "method", None) == METHOD
+
+
+def suffix_library_available() -> bool:
+    """Whether arctic-inference (the suffix-tree library vLLM's `suffix` method uses) imports."""
+    return importlib.util.find_spec(SUFFIX_LIBRARY) is not None
 
 
 def knob_names() -> list[str]:
@@ -57,12 +78,35 @@ class ClaspOptions:
     roughly by frequency): cheaper drafts, still lossless because verification uses the full
     vocabulary and the draft's probabilities are exact for what it drafts. None means
     min(16384, vocabulary); 0 means the whole vocabulary."""
+    copy_source: str = "auto"
+    """Where copied drafts (free to make: no model pass) come from, besides the layer-skip
+    drafts. "suffix": suffix trees over the request's prompt and past responses of all
+    requests (arctic-inference's SuffixDecodingCache, as vLLM's `suffix` method);
+    "ngram": the request's own context (prompt lookup); "none": layer-skip drafts only, as
+    in the paper. "auto": suffix when arctic-inference is installed, else ngram (logged
+    once). Seeded requests always copy with ngram (their own context only)."""
+    max_model_draft_tokens: int | None = None
+    """Most tokens one layer-skip draft may have; also the lookahead KV slots reserved per
+    request for the draft passes (copied drafts need none). None means
+    min(8, num_speculative_tokens); 0 turns layer-skip drafts off (copies only)."""
     prompt_lookup_max: int = DEFAULT_PROMPT_LOOKUP_MAX
-    """Combine with prompt-lookup drafts: a request whose last n tokens (n from this down to
-    `prompt_lookup_min`) occurred earlier drafts what followed them, at no model cost; others
-    draft with CLaSp. 0 turns it off (layer-skip drafts only, as in the paper)."""
+    """The ngram copy source: a request whose last n tokens (n from this down to
+    `prompt_lookup_min`) occurred earlier drafts what followed them. 0 turns copying off
+    whatever `copy_source` says (the same as copy_source "none")."""
     prompt_lookup_min: int | None = None
     """Shortest n-gram that counts as a match; None means min(3, prompt_lookup_max)."""
+    suffix_decoding_max_tree_depth: int = DEFAULT_SUFFIX_MAX_TREE_DEPTH
+    """The suffix copy source (vLLM's `suffix_decoding_max_tree_depth`): depth of the prompt
+    and global suffix trees; the context matched is at most this many tokens."""
+    suffix_decoding_max_cached_requests: int = DEFAULT_SUFFIX_MAX_CACHED_REQUESTS
+    """Past responses kept in the global suffix tree (FIFO eviction); 0 keeps none (prompt
+    trees only). vLLM's `suffix_decoding_max_cached_requests`."""
+    suffix_decoding_max_spec_factor: float = DEFAULT_SUFFIX_MAX_SPEC_FACTOR
+    """A suffix draft has at most this x the matched context's length tokens.
+    vLLM's `suffix_decoding_max_spec_factor`."""
+    suffix_decoding_min_token_prob: float = DEFAULT_SUFFIX_MIN_TOKEN_PROB
+    """A suffix draft stops at a token whose estimated probability (its frequency in the
+    tree) is below this. vLLM's `suffix_decoding_min_token_prob`."""
     adaptive: bool = True
     """Make model drafts, and verify draft tokens, only where measured costs and acceptance
     say they pay (vllm_clasp.core.draft_budget). False drafts on every step and verifies every
@@ -95,16 +139,11 @@ class ClaspOptions:
                 _check_int("clasp_never_skip[]", layer)
             object.__setattr__(self, "never_skip", tuple(self.never_skip))
         _check_int("clasp_draft_vocab_size", self.draft_vocab_size, low=0, allow_none=True)
-        _check_int("clasp_prompt_lookup_max", self.prompt_lookup_max, low=0)
-        _check_int("clasp_prompt_lookup_min", self.prompt_lookup_min, low=1, allow_none=True)
+        _check_int("clasp_max_model_draft_tokens", self.max_model_draft_tokens, low=0,
+                   allow_none=True)
         if not isinstance(self.adaptive, bool):
             raise ValueError(f"clasp_adaptive must be true or false, got {self.adaptive!r}")
-        if (self.prompt_lookup_max and self.prompt_lookup_min is not None
-                and self.prompt_lookup_min > self.prompt_lookup_max):
-            raise ValueError(
-                f"clasp_prompt_lookup_min={self.prompt_lookup_min} must be <= "
-                f"clasp_prompt_lookup_max={self.prompt_lookup_max}"
-            )
+        _check_copy_knobs(self)
 
     @classmethod
     def from_dict(cls, knobs: dict) -> "ClaspOptions":
@@ -119,29 +158,34 @@ class ClaspOptions:
             kwargs[name] = value
         return cls(**kwargs)
 
-    def resolve(self, num_layers: int, vocab_size: int) -> "ResolvedClaspOptions":
-        """Check the knobs against a model with `num_layers` decoder layers."""
-        never = (0, -1) if self.never_skip is None else self.never_skip
-        never_skip = [False] * num_layers
-        for layer in never:
-            if not -num_layers <= layer < num_layers:
-                raise ValueError(
-                    f"clasp_never_skip: layer {layer} out of range for a model with "
-                    f"{num_layers} layers (allowed: {-num_layers}..{num_layers - 1})"
-                )
-            never_skip[layer % num_layers] = True
-        skippable = num_layers - sum(never_skip)
-        if self.skip_layers is not None:
-            num_skip = self.skip_layers
-            if num_skip > skippable:
-                raise ValueError(
-                    f"clasp_skip_layers={num_skip} exceeds the {skippable} skippable layers "
-                    f"of this model ({num_layers} layers, {num_layers - skippable} never "
-                    f"skipped); allowed: 0..{skippable}"
-                )
-        else:
-            ratio = DEFAULT_SKIP_RATIO if self.skip_ratio is None else self.skip_ratio
-            num_skip = min(round(ratio * num_layers), skippable)
+    def resolved_copy_source(self) -> str:
+        """"suffix", "ngram" or "none": what `copy_source` means on this machine. Asking
+        for "suffix" without arctic-inference is an error that says how to install it."""
+        if self.copy_source == "none" or self.prompt_lookup_max == 0:
+            return "none"
+        if self.copy_source == "suffix" and not suffix_library_available():
+            raise ValueError(
+                "clasp_copy_source='suffix' needs arctic-inference, which is not installed: "
+                f"{SUFFIX_INSTALL_HINT}; or use clasp_copy_source='ngram'"
+            )
+        if self.copy_source == "auto":
+            return "suffix" if suffix_library_available() else "ngram"
+        return self.copy_source
+
+    def default_num_speculative_tokens(self) -> int:
+        """K when the config does not give one: the suffix tree depth with suffix copies (as
+        vLLM's `suffix` method), else 8."""
+        if self.resolved_copy_source() == "suffix":
+            return self.suffix_decoding_max_tree_depth
+        return DEFAULT_NUM_SPECULATIVE_TOKENS
+
+    def resolve(self, num_layers: int, vocab_size: int,
+                num_speculative_tokens: int | None = None) -> "ResolvedClaspOptions":
+        """Check the knobs against a model with `num_layers` decoder layers and a verification
+        of up to `num_speculative_tokens` draft tokens (None: the default K)."""
+        k = (self.default_num_speculative_tokens() if num_speculative_tokens is None
+             else num_speculative_tokens)
+        never_skip, num_skip = _resolve_skip(self, num_layers)
         if self.draft_vocab_size is not None and self.draft_vocab_size > vocab_size:
             raise ValueError(
                 f"clasp_draft_vocab_size={self.draft_vocab_size} exceeds the model's "
@@ -158,10 +202,20 @@ class ClaspOptions:
             loi=self.loi,
             draft_exit_threshold=float(self.draft_exit_threshold),
             draft_vocab_size=draft_vocab_size,
+            copy_source=self.resolved_copy_source(),
+            max_model_draft_tokens=(
+                min(DEFAULT_MAX_MODEL_DRAFT_TOKENS, k) if self.max_model_draft_tokens is None
+                else min(self.max_model_draft_tokens, k)),
             prompt_lookup_max=self.prompt_lookup_max,
             prompt_lookup_min=(
                 self.prompt_lookup_min if self.prompt_lookup_min is not None
                 else min(DEFAULT_PROMPT_LOOKUP_MIN, self.prompt_lookup_max or DEFAULT_PROMPT_LOOKUP_MIN)
+            ),
+            suffix=SuffixOptions(
+                max_tree_depth=self.suffix_decoding_max_tree_depth,
+                max_cached_requests=self.suffix_decoding_max_cached_requests,
+                max_spec_factor=float(self.suffix_decoding_max_spec_factor),
+                min_token_prob=float(self.suffix_decoding_min_token_prob),
             ),
             adaptive=self.adaptive,
         )
@@ -178,9 +232,75 @@ class ResolvedClaspOptions:
     draft_exit_threshold: float
     draft_vocab_size: int
     """Token ids [0, draft_vocab_size) form the draft head; == vocabulary size means all."""
-    prompt_lookup_max: int
+    copy_source: str  # "suffix" | "ngram" | "none"
+    max_model_draft_tokens: int  # 0: no layer-skip drafts
+    prompt_lookup_max: int  # the ngram source (also seeded requests' copies)
     prompt_lookup_min: int
+    suffix: "SuffixOptions"
     adaptive: bool
+
+
+@dataclass(frozen=True)
+class SuffixOptions:
+    """The suffix copy source's settings (vLLM's `suffix_decoding_*`, same meaning)."""
+
+    max_tree_depth: int = DEFAULT_SUFFIX_MAX_TREE_DEPTH
+    max_cached_requests: int = DEFAULT_SUFFIX_MAX_CACHED_REQUESTS
+    max_spec_factor: float = DEFAULT_SUFFIX_MAX_SPEC_FACTOR
+    min_token_prob: float = DEFAULT_SUFFIX_MIN_TOKEN_PROB
+
+
+def _check_copy_knobs(options: ClaspOptions) -> None:
+    """The copy sources' knobs (ValueError names key and range)."""
+    if options.copy_source not in COPY_SOURCES:
+        raise ValueError(
+            f"clasp_copy_source must be one of {', '.join(map(repr, COPY_SOURCES))}, "
+            f"got {options.copy_source!r}"
+        )
+    _check_int("clasp_prompt_lookup_max", options.prompt_lookup_max, low=0)
+    _check_int("clasp_prompt_lookup_min", options.prompt_lookup_min, low=1, allow_none=True)
+    if (options.prompt_lookup_max and options.prompt_lookup_min is not None
+            and options.prompt_lookup_min > options.prompt_lookup_max):
+        raise ValueError(
+            f"clasp_prompt_lookup_min={options.prompt_lookup_min} must be <= "
+            f"clasp_prompt_lookup_max={options.prompt_lookup_max}"
+        )
+    _check_int("clasp_suffix_decoding_max_tree_depth", options.suffix_decoding_max_tree_depth,
+               low=1)
+    _check_int("clasp_suffix_decoding_max_cached_requests",
+               options.suffix_decoding_max_cached_requests, low=0)
+    if not (_is_number(options.suffix_decoding_max_spec_factor)
+            and options.suffix_decoding_max_spec_factor >= 0):
+        raise ValueError("clasp_suffix_decoding_max_spec_factor must be a number >= 0, "
+                         f"got {options.suffix_decoding_max_spec_factor!r}")
+    if not (_is_number(options.suffix_decoding_min_token_prob)
+            and 0.0 <= options.suffix_decoding_min_token_prob <= 1.0):
+        raise ValueError("clasp_suffix_decoding_min_token_prob must be a number in [0, 1], "
+                         f"got {options.suffix_decoding_min_token_prob!r}")
+
+
+def _resolve_skip(options: ClaspOptions, num_layers: int) -> tuple[list[bool], int]:
+    """([num_layers] never-skipped flags, number of layers to skip) for one model."""
+    never = (0, -1) if options.never_skip is None else options.never_skip
+    never_skip = [False] * num_layers
+    for layer in never:
+        if not -num_layers <= layer < num_layers:
+            raise ValueError(
+                f"clasp_never_skip: layer {layer} out of range for a model with "
+                f"{num_layers} layers (allowed: {-num_layers}..{num_layers - 1})"
+            )
+        never_skip[layer % num_layers] = True
+    skippable = num_layers - sum(never_skip)
+    if options.skip_layers is None:
+        ratio = DEFAULT_SKIP_RATIO if options.skip_ratio is None else options.skip_ratio
+        return never_skip, min(round(ratio * num_layers), skippable)
+    if options.skip_layers > skippable:
+        raise ValueError(
+            f"clasp_skip_layers={options.skip_layers} exceeds the {skippable} skippable "
+            f"layers of this model ({num_layers} layers, {num_layers - skippable} never "
+            f"skipped); allowed: 0..{skippable}"
+        )
+    return never_skip, options.skip_layers
 
 
 def _is_number(value) -> bool:

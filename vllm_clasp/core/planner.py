@@ -5,16 +5,19 @@ batch), the planner decides in this order:
 
 1. credit the previous plan: what its verification accepted per request and draft source
    (`AcceptanceRates`), and the step's time without the model's work (`DraftBudget.observe`);
-2. prompt-lookup drafts (free to make) wherever the context repeats its last n-gram, each
-   trimmed to the prefix worth verifying;
+2. copied drafts (free to make; `copy_sources`: suffix trees over prompts and past responses,
+   or n-gram lookup in the request's own context), each trimmed to the prefix worth verifying;
 3. which of the other rows get a layer-skipped model draft (`DraftBudget.model_rows`), and
    which of those are due for a DP run (`SkipSetTracker`);
 4. after the caller ran the DP and the draft passes (`record_search`, `finish`): how much of
    every draft to verify, jointly, since they share the verification step.
 
-Seeded requests take the fixed policy (lookup where the context repeats, a model draft
-otherwise, every token verified), whatever the budget measures: their sampled output depends
-on what is drafted for them, and a seed must pin it (docs/design.md).
+Copies may be as long as K (`num_speculative_tokens`); layer-skip drafts at most
+`max_model_draft_tokens`, the lookahead KV slots their passes write.
+
+Seeded requests take the fixed policy (n-gram lookup in their own context where it repeats, a
+model draft otherwise, every token verified), whatever the budget measures: their sampled
+output depends on what is drafted for them, and a seed must pin it (docs/design.md).
 
 Under tensor parallelism every rank plans on the same inputs; each decision that depends on
 measured time is passed through `broadcast` (rank 0's value everywhere), so all ranks run the
@@ -30,14 +33,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from vllm_clasp.core.copy_sources import NGRAM, NgramLookup, make_copy_source
 from vllm_clasp.core.draft_budget import AcceptanceRates, DraftBudget, expected_accepted
 from vllm_clasp.core.options import ResolvedClaspOptions
-from vllm_clasp.core.prompt_lookup import prompt_lookup
 from vllm_clasp.core.skip_state import SkipSetTracker
 from vllm_clasp.core.stats import ClaspStats
 
-LOOKUP, MODEL = "lookup", "model"
-"""Draft sources, each with its own acceptance rates."""
+MODEL = "model"
+"""Draft sources, each with its own acceptance rates: MODEL and the copy sources' names."""
 
 Broadcast = Callable[[torch.Tensor], torch.Tensor]
 
@@ -55,6 +58,7 @@ class StepInputs:
     num_tokens: np.ndarray  # [n] int: tokens so far; the last one has no KV yet
     num_sampled: Sequence[int]  # [n]: tokens the verification just produced (0: none)
     max_draft: np.ndarray  # [n] int: most draft tokens the row may verify (>= 0)
+    num_prompt_tokens: np.ndarray | None = None  # [n] int (None: no copy source needs it)
     seeded: frozenset[int] = frozenset()  # rows whose request has a seed
     has_prefill: bool = False  # a new request's prefill ran in the step just verified
 
@@ -64,7 +68,8 @@ class Plan:
     """The planner's decisions for one step before any model work."""
 
     rows: list[int]  # rows that decode this step (each verifies at least its own token)
-    copied: dict[int, np.ndarray]  # row -> prompt-lookup draft worth verifying
+    copied: dict[int, np.ndarray]  # row -> copied draft worth verifying
+    copy_source: dict[int, str]  # row -> the source of its copy
     model_rows: list[int]  # rows to draft with the layer-skipped model (ascending)
     search_rows: list[int]  # of model_rows: due for a DP run before drafting
     cost: tuple[float, float] | None  # the verification fit decided with (None: verify all)
@@ -94,6 +99,12 @@ class StepPlanner:
         self.tracker = SkipSetTracker(options.loi)
         self.acceptance = AcceptanceRates()
         self.budget = budget or DraftBudget(enabled=options.adaptive, loi=options.loi)
+        self.copier = make_copy_source(options.copy_source, options.prompt_lookup_max,
+                                       options.prompt_lookup_min, options.suffix)
+        # Seeded requests copy from their own context only (see the module docstring).
+        self.seeded_copier = None if self.copier is None else (
+            self.copier if self.copier.name == NGRAM
+            else NgramLookup(options.prompt_lookup_max, options.prompt_lookup_min))
         self._ledger: _Ledger | None = None
 
     # ------------------------------------------------------------------ request lifetime
@@ -102,6 +113,8 @@ class StepPlanner:
         req_ids = list(req_ids or ())
         self.tracker.drop(req_ids)
         self.acceptance.drop(req_ids)
+        if self.copier is not None:
+            self.copier.forget(req_ids)
         self.stats.tracked_requests = len(self.tracker)
 
     def retain(self, live: Iterable[str]) -> None:
@@ -111,6 +124,8 @@ class StepPlanner:
             self.tracker.retain(live)
         if len(self.acceptance) > len(live):
             self.acceptance.retain(live)
+        if self.copier is not None:
+            self.copier.retain(live)
         self.stats.tracked_requests = len(self.tracker)
 
     # ------------------------------------------------------------------ planning
@@ -122,15 +137,17 @@ class StepPlanner:
             return None
         started = self.clock()
         cost = self._step_cost(len(rows))
+        self._update_copier(step, rows)
         may_draft = [i for i in rows if step.max_draft[i] > 0]  # room left to draft
-        copied = self._lookups(step, may_draft, cost)
-        candidates = [i for i in may_draft if i not in copied]
-        model_rows = self._model_rows(step, cost, candidates, copied, len(rows))
+        copied, copy_source = self._copies(step, may_draft, cost)
+        candidates = ([i for i in may_draft if i not in copied]
+                      if self.options.max_model_draft_tokens else [])
+        model_rows = self._model_rows(step, cost, candidates, copied, copy_source, len(rows))
         # LOI counts the steps a request drafted with its skip set; steps without model drafts
         # would otherwise make every occasional model draft pay for a DP run.
         self.tracker.record_verification(step.req_ids[i] for i in model_rows)
         search_rows = [i for i in model_rows if self.tracker.is_due(step.req_ids[i])]
-        return Plan(rows, copied, model_rows, search_rows, cost, started)
+        return Plan(rows, copied, copy_source, model_rows, search_rows, cost, started)
 
     def record_search(self, plan: Plan, step: StepInputs, masks: torch.Tensor,
                       seconds: float) -> None:
@@ -156,21 +173,22 @@ class StepPlanner:
             self.budget.observe_model(len(plan.rows), lengths, seconds)
             plan.model_seconds += seconds
             kept = self._trim(step, plan.cost, {**copied, **made},
-                              {**dict.fromkeys(copied, LOOKUP), **dict.fromkeys(made, MODEL)})
+                              {**plan.copy_source, **dict.fromkeys(made, MODEL)})
             copied = {i: kept[i] for i in copied if i in kept}
             made = {i: kept[i] for i in made if i in kept}
         plan.copied = copied  # what was kept: the caller hands q = a point mass for these
         drafts: list[list[int]] = [[] for _ in step.req_ids]
         for i, draft in [*copied.items(), *made.items()]:
             drafts[i] = draft.tolist()
-        self.stats.record_prompt_lookup(len(copied), sum(len(d) for d in copied.values()))
+        self.stats.record_copies(len(copied), sum(len(d) for d in copied.values()))
         undrafted = sum(1 for i in plan.rows if not drafts[i])
         if undrafted:
             self.stats.record_undrafted(undrafted, whole_step=undrafted == len(plan.rows))
         self._ledger = _Ledger(
             batch_size=len(plan.rows), started=plan.started, model_seconds=plan.model_seconds,
             verified_tokens=len(plan.rows) + sum(len(drafts[i]) for i in plan.rows),
-            drafted={step.req_ids[i]: (LOOKUP if i in copied else MODEL, len(drafts[i]))
+            drafted={step.req_ids[i]: (plan.copy_source[i] if i in copied else MODEL,
+                                       len(drafts[i]))
                      for i in plan.rows if drafts[i]},
         )
         return drafts
@@ -201,23 +219,36 @@ class StepPlanner:
             [0.0, 0.0, 0.0] if cost is None else [1.0, *cost], dtype=torch.float64))
         return (float(shared[1]), float(shared[2])) if shared[0] else None
 
-    def _lookups(self, step: StepInputs, rows: list[int],
-                 cost: tuple[float, float] | None) -> dict[int, np.ndarray]:
-        """Prompt-lookup drafts, verified as far as their measured acceptance pays."""
-        options = self.options
-        if not options.prompt_lookup_max:
-            return {}
-        found = {}
+    def _update_copier(self, step: StepInputs, rows: list[int]) -> None:
+        """Feed every decoding request's new tokens to the copy source (suffix trees keep
+        each prompt and the responses so far)."""
+        if self.copier is None or self.copier is self.seeded_copier:
+            return  # n-gram lookup keeps no state
+        prompt = step.num_prompt_tokens
         for i in rows:
-            draft = prompt_lookup(step.token_ids[i, : step.num_tokens[i]],
-                                  options.prompt_lookup_max, options.prompt_lookup_min,
-                                  int(step.max_draft[i]))
+            if i not in step.seeded:
+                self.copier.update(step.req_ids[i], step.token_ids[i, : step.num_tokens[i]],
+                                   int(prompt[i]))
+
+    def _copies(self, step: StepInputs, rows: list[int], cost: tuple[float, float] | None
+                ) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+        """Copied drafts, each verified as far as its source's measured acceptance pays:
+        ({row: draft}, {row: source name})."""
+        if self.copier is None:
+            return {}, {}
+        found, source = {}, {}
+        for i in rows:
+            copier = self.seeded_copier if i in step.seeded else self.copier
+            draft = copier.draft(step.req_ids[i], step.token_ids[i, : step.num_tokens[i]],
+                                 int(step.max_draft[i])).tokens
             if len(draft):
-                found[i] = draft
-        return self._trim(step, cost, found, dict.fromkeys(found, LOOKUP))
+                found[i], source[i] = draft, copier.name
+        kept = self._trim(step, cost, found, source)
+        return kept, {i: source[i] for i in kept}
 
     def _model_rows(self, step: StepInputs, cost, candidates: list[int],
-                    copied: dict[int, np.ndarray], num_rows: int) -> list[int]:
+                    copied: dict[int, np.ndarray], copy_source: dict[int, str],
+                    num_rows: int) -> list[int]:
         """The rows of `candidates` worth a model draft, rank 0's choice on every rank;
         seeded rows always."""
         seeded = [i for i in candidates if i in step.seeded]
@@ -231,7 +262,7 @@ class StepPlanner:
         if cost is not None:
             fixed, per_token = cost
             expected = num_rows + sum(
-                expected_accepted(rate(step.req_ids[i], LOOKUP), len(draft))
+                expected_accepted(rate(step.req_ids[i], copy_source[i]), len(draft))
                 for i, draft in copied.items())
             seconds = fixed + per_token * (num_rows + sum(len(d) for d in copied.values()))
         chosen = self.budget.model_rows(cost, gains, expected, seconds)

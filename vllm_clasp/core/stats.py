@@ -37,9 +37,9 @@ class ClaspStats:
     draft_time_s: float = 0.0
     num_threshold_exits: int = 0
     """Draft steps whose top-1 probability fell under the draft-exit threshold."""
-    num_prompt_lookup_rounds: int = 0
-    """Requests x verification steps that drafted by prompt lookup instead of the model."""
-    num_prompt_lookup_tokens: int = 0
+    num_copy_draft_rounds: int = 0
+    """Requests x verification steps that drafted by copying (suffix trees or n-gram lookup)."""
+    num_copy_draft_tokens: int = 0
     num_speculation_off_steps: int = 0
     """Steps that verified no draft token (no drafts, or none measured worth verifying)."""
     num_speculation_off_rounds: int = 0
@@ -79,9 +79,9 @@ class ClaspStats:
                 self.num_skip_set_changes += count > 0
                 self.num_skip_set_changed_layers += count
 
-    def record_prompt_lookup(self, num_requests: int, num_tokens: int) -> None:
-        self.num_prompt_lookup_rounds += num_requests
-        self.num_prompt_lookup_tokens += num_tokens
+    def record_copies(self, num_requests: int, num_tokens: int) -> None:
+        self.num_copy_draft_rounds += num_requests
+        self.num_copy_draft_tokens += num_tokens
 
     def record_drafts(self, skip: torch.Tensor, lengths: list[int],
                       seconds: float) -> None:  # skip: [R, L] bool
@@ -109,8 +109,8 @@ class ClaspStats:
             "num_model_draft_tokens": self.num_model_draft_tokens,
             "draft_time_s": self.draft_time_s,
             "num_threshold_exits": self.num_threshold_exits,
-            "num_prompt_lookup_rounds": self.num_prompt_lookup_rounds,
-            "num_prompt_lookup_tokens": self.num_prompt_lookup_tokens,
+            "num_copy_draft_rounds": self.num_copy_draft_rounds,
+            "num_copy_draft_tokens": self.num_copy_draft_tokens,
             "num_speculation_off_steps": self.num_speculation_off_steps,
             "num_speculation_off_rounds": self.num_speculation_off_rounds,
             "num_unverified_draft_tokens": self.num_unverified_draft_tokens,

@@ -15,7 +15,7 @@ from vllm.config.speculative import SpeculativeConfig
 from vllm.config.utils import config
 
 from vllm_clasp.core.options import (
-    DEFAULT_NUM_SPECULATIVE_TOKENS, METHOD as CLASP_METHOD, ClaspOptions, knob_names,
+    METHOD as CLASP_METHOD, ClaspOptions, knob_names,
 )
 
 # Model families CI drafts with (tests/e2e/test_model_families.py: the full-model draft is
@@ -49,8 +49,14 @@ class ClaspSpeculativeConfig(SpeculativeConfig):
     clasp_draft_exit_threshold: SkipValidation[float | None] = None
     clasp_never_skip: SkipValidation[list[int] | None] = None
     clasp_draft_vocab_size: SkipValidation[int | None] = None
+    clasp_copy_source: SkipValidation[str | None] = None
+    clasp_max_model_draft_tokens: SkipValidation[int | None] = None
     clasp_prompt_lookup_max: SkipValidation[int | None] = None
     clasp_prompt_lookup_min: SkipValidation[int | None] = None
+    clasp_suffix_decoding_max_tree_depth: SkipValidation[int | None] = None
+    clasp_suffix_decoding_max_cached_requests: SkipValidation[int | None] = None
+    clasp_suffix_decoding_max_spec_factor: SkipValidation[float | None] = None
+    clasp_suffix_decoding_min_token_prob: SkipValidation[float | None] = None
     clasp_adaptive: SkipValidation[bool | None] = None
 
     def __post_init__(self):  # noqa: D105 - mirrors SpeculativeConfig's ngram/custom_class path
@@ -75,17 +81,19 @@ class ClaspSpeculativeConfig(SpeculativeConfig):
                 "method='clasp' does not support pipeline parallelism (the draft needs every "
                 "decoder layer on one rank); use tensor parallelism"
             )
+        options = self.clasp_options()
         if self.num_speculative_tokens is None:
-            self.num_speculative_tokens = DEFAULT_NUM_SPECULATIVE_TOKENS
+            self.num_speculative_tokens = options.default_num_speculative_tokens()
         if self.draft_tensor_parallel_size not in (None, parallel.tensor_parallel_size if parallel else 1):
             raise ValueError(
                 "method='clasp' drafts with the target's own layers: "
                 "draft_tensor_parallel_size must equal the target's tensor_parallel_size"
             )
         # Resolving checks every knob against this model (layer count, vocabulary).
-        self.clasp_options().resolve(
+        options.resolve(
             num_layers=target.hf_config.get_text_config().num_hidden_layers,
             vocab_size=target.get_vocab_size(),
+            num_speculative_tokens=self.num_speculative_tokens,
         )
         # Same bookkeeping as vLLM's model-free methods (ngram, custom_class).
         self.model = CLASP_METHOD
@@ -95,6 +103,16 @@ class ClaspSpeculativeConfig(SpeculativeConfig):
         self.draft_parallel_config = parallel
         if parallel is not None:
             self.draft_tensor_parallel_size = parallel.tensor_parallel_size
+
+    def num_lookahead_slots(self) -> int:
+        """KV slots the scheduler reserves per request beyond the verified tokens: what the
+        layer-skip draft passes write (patch 2); 0 when they are off."""
+        options = self.clasp_options()
+        resolved = options.resolve(
+            num_layers=self.target_model_config.hf_config.get_text_config().num_hidden_layers,
+            vocab_size=self.target_model_config.get_vocab_size(),
+            num_speculative_tokens=self.num_speculative_tokens)
+        return resolved.max_model_draft_tokens
 
     def clasp_options(self) -> ClaspOptions:
         """The knobs given (None counts as unset), validated (`ClaspOptions`)."""

@@ -30,10 +30,10 @@ COUNTERS = (
      "Request x verification steps drafted by the layer-skipped model."),
     ("num_model_draft_tokens", "vllm:clasp_model_draft_tokens",
      "Tokens drafted by the layer-skipped model."),
-    ("num_prompt_lookup_rounds", "vllm:clasp_prompt_lookup_rounds",
-     "Request x verification steps drafted by prompt lookup (clasp_prompt_lookup_max)."),
-    ("num_prompt_lookup_tokens", "vllm:clasp_prompt_lookup_tokens",
-     "Tokens drafted by prompt lookup."),
+    ("num_copy_draft_rounds", "vllm:clasp_copy_draft_rounds",
+     "Request x verification steps drafted by copying (suffix trees or n-gram lookup; clasp_copy_source)."),
+    ("num_copy_draft_tokens", "vllm:clasp_copy_draft_tokens",
+     "Tokens drafted by copying."),
     ("num_threshold_exits", "vllm:clasp_threshold_exits",
      "Drafts cut short because the draft's top-1 probability fell under the threshold."),
     ("num_speculation_off_steps", "vllm:clasp_speculation_off_steps",
@@ -139,18 +139,18 @@ class ClaspStatLogger(StatLoggerBase):
         if not d:
             return
         rounds = d.get("num_model_draft_rounds", 0)
-        drafted = rounds + d.get("num_prompt_lookup_rounds", 0) + d.get("num_speculation_off_rounds", 0)
+        drafted = rounds + d.get("num_copy_draft_rounds", 0) + d.get("num_speculation_off_rounds", 0)
         searches = d.get("num_dp_batches", 0)
         logger.info(
             "Engine %03d CLaSp: %d DP runs (%.1f ms per batched search), model drafts on "
-            "%.0f%% of request-steps (%.2f tokens, %.1f ms each), prompt-lookup drafts on "
+            "%.0f%% of request-steps (%.2f tokens, %.1f ms each), copied drafts on "
             "%.0f%%, speculation off on %.0f%%; %d threshold exits, %d skip-set changes, "
             "%d requests tracked",
             self.engine_index, d.get("num_dp_runs", 0),
             1e3 * d.get("search_time_s", 0.0) / max(searches, 1),
             100 * rounds / max(drafted, 1), d.get("num_model_draft_tokens", 0) / max(rounds, 1),
             1e3 * d.get("draft_time_s", 0.0) / max(rounds, 1),
-            100 * d.get("num_prompt_lookup_rounds", 0) / max(drafted, 1),
+            100 * d.get("num_copy_draft_rounds", 0) / max(drafted, 1),
             100 * d.get("num_speculation_off_rounds", 0) / max(drafted, 1),
             d.get("num_threshold_exits", 0), d.get("num_skip_set_changes", 0), self._tracked,
         )

@@ -66,7 +66,7 @@ def _num_lookahead_tokens(original: property):
     @functools.wraps(original.fget)
     def num_lookahead_tokens(self) -> int:
         if is_clasp(self.speculative_config):
-            return self.speculative_config.num_speculative_tokens
+            return self.speculative_config.num_lookahead_slots()
         return original.fget(self)
 
     return property(num_lookahead_tokens)
@@ -256,7 +256,8 @@ PATCHES = [
         number=2, scope=Scope.REGISTER, host_parameters=("self",),
         why="drafts write KV beyond the verified tokens; only eagle/draft_model get "
             "lookahead slots",
-        what="return `num_speculative_tokens` for clasp, so the scheduler allocates them",
+        what="return the layer-skip draft's most tokens (`clasp_max_model_draft_tokens`) "
+             "for clasp, so the scheduler allocates them; copied drafts write none",
         removal="a per-method `num_lookahead_tokens` hook",
     ),
     Patch(

@@ -21,6 +21,7 @@ import time
 import numpy as np
 import torch
 
+from vllm_clasp.core.options import SUFFIX_INSTALL_HINT
 from vllm_clasp.core.planner import Plan, StepInputs, StepPlanner
 from vllm_clasp.core.stats import ClaspStats
 from vllm_clasp.vllm.collective import tp_broadcast
@@ -50,20 +51,27 @@ class ClaspProposer:
 
     def load_model(self, model) -> None:
         stack = DecoderStack(model)
-        resolved = self.options.resolve(stack.num_layers, self.vocab_size)
+        resolved = self.options.resolve(stack.num_layers, self.vocab_size,
+                                        self.num_speculative_tokens)
         draft_vocab = self.vocab_size
         if resolved.draft_vocab_size < self.vocab_size and stack.use_draft_vocab(
             resolved.draft_vocab_size
         ):
             draft_vocab = resolved.draft_vocab_size
         self.planner = StepPlanner(resolved, self.stats, broadcast=self._broadcast)
+        self.max_model_draft = resolved.max_model_draft_tokens
         self.forward = SkipForward(stack, self.vllm_config, resolved,
-                                   self.num_speculative_tokens, broadcast=self._broadcast)
+                                   max(self.max_model_draft, 1), broadcast=self._broadcast)
+        if self.options.copy_source == "auto" and resolved.copy_source == "ngram":
+            logger.warning("CLaSp: arctic-inference is not installed, so drafts are copied with "
+                           "n-gram lookup instead of suffix trees (%s)", SUFFIX_INSTALL_HINT)
         logger.info(
             "CLaSp: drafting with the target's own %d layers, skipping %d per request "
-            "(never skipped: %s), K=%d, LOI=%d, draft-exit threshold %.2f, draft vocab %s",
+            "(never skipped: %s), up to %d model-draft tokens, copies from %s, K=%d, LOI=%d, "
+            "draft-exit threshold %.2f, draft vocab %s",
             stack.num_layers, resolved.num_skip,
             [i for i, never in enumerate(resolved.never_skip) if never],
+            resolved.max_model_draft_tokens, resolved.copy_source,
             self.num_speculative_tokens, resolved.loi, resolved.draft_exit_threshold,
             draft_vocab,
         )
@@ -124,6 +132,7 @@ class ClaspProposer:
             max_draft=np.minimum(np.minimum(self.num_speculative_tokens,
                                             self.max_model_len - num_tokens),
                                  self._tokens_left(runner, req_ids) - 1),
+            num_prompt_tokens=batch.num_prompt_tokens[:n],
             seeded=frozenset(batch.sampling_metadata.generators or ()),
             has_prefill=bool(scheduler_output.scheduled_new_reqs),
         )
@@ -150,7 +159,8 @@ class ClaspProposer:
         tokens, probs, lengths = self.forward.draft(
             torch.from_numpy(rows.astype(np.int64)),
             torch.from_numpy(step.token_ids[rows, num_tokens - 1].astype(np.int64)),
-            torch.from_numpy(num_tokens), torch.from_numpy(step.max_draft[rows].astype(np.int64)),
+            torch.from_numpy(num_tokens),
+            torch.from_numpy(np.minimum(step.max_draft[rows], self.max_model_draft).astype(np.int64)),
             self.planner.skip_masks(plan, step), runner.input_batch.sampling_metadata,
             self.stats,
         )
@@ -158,12 +168,16 @@ class ClaspProposer:
         return made, probs, time.perf_counter() - started
 
     def _draft_probs(self, n: int, plan: Plan, probs: torch.Tensor | None) -> torch.Tensor:
-        """q [n, K, vocab] for the rejection sampler: the model's draft distributions, and a
-        point mass for each copied draft (it is deterministic)."""
-        full = torch.zeros(n, self.num_speculative_tokens, self.vocab_size,
-                           dtype=torch.float32, device=self.device)
+        """q [n, k, vocab] for the rejection sampler (k: the longest draft this step, <= K;
+        vLLM reads row i's first len(draft_i) positions): the model's draft distributions, and
+        a point mass for each copied draft (it is deterministic)."""
+        k = max([probs.shape[1] if probs is not None else 0,
+                 *(len(d) for d in plan.copied.values())] or [0])
+        full = torch.zeros(n, max(k, 1), self.vocab_size, dtype=torch.float32,
+                           device=self.device)
         if probs is not None:
-            full[torch.tensor(plan.model_rows, device=self.device), :, : probs.shape[-1]] = probs
+            full[torch.tensor(plan.model_rows, device=self.device), : probs.shape[1],
+                 : probs.shape[-1]] = probs
         for i, draft in plan.copied.items():
             full[i, torch.arange(len(draft), device=self.device),
                  torch.from_numpy(draft.astype(np.int64)).to(self.device)] = 1.0
