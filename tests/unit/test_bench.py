@@ -377,9 +377,9 @@ def test_memory_line_reports_extra_peak_vs_plain():
     assert _memory_lines({"engines": {}}, ["plain"]) == []
 
 
-def test_builtin_clasp_layers_is_clasp_without_prompt_lookup():
+def test_builtin_clasp_layers_is_clasp_without_copied_drafts():
     methods = parse_methods("plain,clasp-layers")
-    assert methods[1].speculative_config == {"method": "clasp", "clasp_prompt_lookup_max": 0}
+    assert methods[1].speculative_config == {"method": "clasp", "clasp_copy_source": "none"}
 
 
 # --------------------------------------------------------------------------- console
@@ -454,3 +454,28 @@ def test_prompts_use_the_chat_template_or_the_text_for_a_base_model():
     chat.chat_template = "{{ messages }}"
     _, prompts, _ = _chat_prompts(chat, questions[:1], max_model_len=10)
     assert prompts == ["<user>two words</user><assistant>"]
+
+
+def test_report_shows_the_repeat_scenario_apart_and_skipped_methods():
+    result = fake_result(batch_sizes=(1,), sweep=False)
+    faster = [dict(r, tps=2 * r["tps"]) if r["method"] == "ngram" else r
+              for r in result["records"]]
+    result["summary_repeat"] = summarize(faster, result["calls"], ["plain", "clasp", "ngram"],
+                                         ["qa", "rag"], (1,))
+    result["skipped_methods"] = {"suffix": "arctic-inference is not installed (pip ...)"}
+    text = format_report(result)
+    unseen, _, repeat = text.partition("REPEAT scenario")
+    assert repeat, text
+    assert "1.20x" in unseen and "2.40x" in repeat  # ngram: 12 vs 10 tokens/s, then doubled
+    assert "suffix: skipped: arctic-inference is not installed" in text
+
+
+def test_unavailable_methods_say_why(monkeypatch):
+    from vllm_clasp.core import options
+    from vllm_clasp.tools.methods import unavailable
+
+    suffix, clasp = parse_methods("plain,suffix,clasp")[1:]
+    assert unavailable(suffix) is None and unavailable(clasp) is None
+    monkeypatch.setattr(options, "suffix_library_available", lambda: False)
+    assert "arctic-inference" in unavailable(suffix)
+    assert unavailable(clasp) is None  # clasp falls back to n-gram copies

@@ -14,10 +14,15 @@ Groups: `translation`, `summarization`, `qa`, `math_reasoning`, `rag`, and `mt_b
 MT-bench questions, ordered round-robin over its 8 categories so that a few questions cover
 several of them). `--offset N` skips the first N questions of each group.
 
-Measurement: every method's engine is built first and all are held at once (one `LLM` per
-method; each has its own engine process). Then, for each batch size, round and batch of
-consecutive prompts, every method runs that same batch in turn, the order rotating by one each
-batch to cancel order effects. Counters are read before/after each call and attributed to the
+Measurement, per batch size: every method's engine is built fresh and all are held at once
+(one `LLM` per method; each has its own engine process), warmed up on prompts that are not
+measured (`WARMUP_PROMPTS`, not Spec-Bench questions), then for each round and batch of
+consecutive prompts every method runs that same batch in turn, the order rotating by one each
+batch to cancel order effects. Fresh engines per batch size mean no method has seen the
+measured prompts before (methods with memory across requests, such as suffix trees over past
+responses, would otherwise be handed the answers). Round 1 is the "unseen" scenario, the
+headline; later rounds (`--repeat`, `--rounds`) send the same prompts again, as agentic loops
+do, and are reported apart as the "repeat" scenario. Counters are read before/after each call and attributed to the
 call: vLLM's spec-decode counters (drafts, accepted) and, for CLaSp, its worker-side time split
 (DP search, drafting; verify+rest = wall - DP - draft). Per-group figures that come from calls
 (tau, time split) use only calls whose prompts all belong to the group.
@@ -55,8 +60,10 @@ from vllm_clasp.tools.engine import (
     spec_counters,
     worker_info,
 )
-from vllm_clasp.tools.methods import Method, parse_int_list, parse_methods
-from vllm_clasp.tools.questions import DEFAULT_QUESTIONS, Question, resolve_questions
+from vllm_clasp.tools.methods import Method, parse_int_list, parse_methods, unavailable
+from vllm_clasp.tools.questions import (
+    DEFAULT_QUESTIONS, WARMUP_PROMPTS, Question, resolve_questions,
+)
 from vllm_clasp.tools.report import (
     BASELINE,
     GROUPS,
@@ -71,6 +78,8 @@ from vllm_clasp.tools.report import (
 logger = logging.getLogger("vllm_clasp.tools.bench")
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_MISMATCH = 0, 1, 2, 3
+UNSEEN, REPEAT = "unseen", "repeat"
+"""Scenarios: a round's prompts are new to every engine (round 1), or sent again."""
 #: Pause before each timed call so the previous engine's OpenMP threads stop spinning.
 SETTLE_S = 0.25
 
@@ -90,10 +99,11 @@ class BenchOptions:
     temperature: float = 0.0
     batch_sizes: tuple[int, ...] = (1,)
     dtype: str = "float32"
-    methods: str | Sequence[Method] = "plain,clasp,ngram"
+    methods: str | Sequence[Method] = "plain,clasp,suffix,ngram"
     sweep_skip: tuple[int, ...] = ()
     model: str | None = None
     rounds: int = 1
+    """Passes over the prompts per batch size: the first is "unseen", later ones "repeat"."""
     out: str | None = None
     """Output directory for results.json and plots (None: write nothing)."""
     max_model_len: int = 2048
@@ -102,6 +112,7 @@ class BenchOptions:
     the 2-core AVX2 CPU (17.4 vs 15.0 tokens/s, batch 1), but each engine starts in ~2.5-6 min
     instead of ~1 min."""
     warmup: int = 2
+    """Warm-up prompts per engine (from WARMUP_PROMPTS, never measured)."""
     iomp: bool = True
     progress: bool = True
     print_table: bool = True
@@ -124,6 +135,8 @@ class _Measured:
     errors: list[dict]
     records: list[dict]
     calls: list[dict]
+    skipped: dict[str, str]
+    """Methods that cannot run here -> why (e.g. no arctic-inference for `suffix`)."""
 
 
 def _validate(options: BenchOptions) -> None:
@@ -188,24 +201,53 @@ def _prepare_process(options: BenchOptions) -> dict:
 
 def _run_engines(options: BenchOptions, model: str, methods: list[Method],
                  questions: list[Question], machine: dict) -> _Measured:
-    """Build every engine (all held at once), warm up, measure; shut them all down after."""
-    engines, errors, engine_meta = {}, [], {}
-    try:
-        _build_engines(options, model, methods, engines, errors, engine_meta)
-        if BASELINE not in engines:
-            raise RuntimeError(f"the plain engine failed to start: {errors[-1]['error']}")
-        questions, prompts, prompt_tokens = _chat_prompts(
-            engines[BASELINE].get_tokenizer(), questions, options.max_model_len)
-        machine["worker_torch_threads"] = (engine_meta[BASELINE].get("worker") or {}).get(
-            "torch_threads")
-        _warm_up(options, engines, prompts, errors, engine_meta)
-        records, calls = _measure(options, engines, questions, prompts, errors)
-        for name, llm in engines.items():
-            engine_meta[name]["memory"] = memory_info(llm)
-    finally:
-        for llm in engines.values():
-            shutdown(llm)
-    return _Measured(questions, prompt_tokens, engine_meta, errors, records, calls)
+    """Per batch size: build every engine (all held at once), warm up, measure, shut them
+    all down."""
+    errors, engine_meta, records, calls = [], {}, [], []
+    skipped = {m.name: why for m in methods if (why := unavailable(m))}
+    for name, why in skipped.items():
+        logger.warning("method %s skipped: %s", name, why)
+    methods = [m for m in methods if m.name not in skipped]
+    prompt_tokens: list[int] = []
+    for bs in options.batch_sizes:
+        engines = {}
+        try:
+            _build_engines(options, model, methods, engines, errors, engine_meta, bs)
+            if BASELINE not in engines:
+                raise RuntimeError(f"the plain engine failed to start: {errors[-1]['error']}")
+            tokenizer = engines[BASELINE].get_tokenizer()
+            questions, prompts, prompt_tokens = _chat_prompts(
+                tokenizer, questions, options.max_model_len)
+            machine["worker_torch_threads"] = (engine_meta[BASELINE].get("worker") or {}).get(
+                "torch_threads")
+            warmup = [_chat_prompt(tokenizer, WARMUP_PROMPTS[i % len(WARMUP_PROMPTS)])
+                      for i in range(options.warmup)]
+            _warm_up(options, engines, warmup, errors, engine_meta)
+            measured = _measure(options, engines, questions, prompts, errors, bs)
+            records += measured[0]
+            calls += measured[1]
+            for name, llm in engines.items():
+                engine_meta[name]["memory"] = _larger_peak(
+                    engine_meta[name].get("memory"), memory_info(llm))
+        finally:
+            for llm in engines.values():
+                shutdown(llm)
+    return _Measured(questions, prompt_tokens, engine_meta, errors, records, calls, skipped)
+
+
+def _larger_peak(before: dict | None, now: dict | None) -> dict | None:
+    """The memory record with the larger peak (engines are rebuilt per batch size)."""
+    if not before or not now:
+        return now or before
+    peak = "peak_rss_mib"
+    return now if (now.get(peak) or 0) >= (before.get(peak) or 0) else before
+
+
+def _chat_prompt(tokenizer, text: str) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                             tokenize=False, add_generation_prompt=True)
+    return text
 
 
 def _chat_prompts(tokenizer, questions: list[Question], max_model_len: int
@@ -237,9 +279,14 @@ def _result(options: BenchOptions, model: str, methods: list[Method], machine: d
             measured: _Measured, total_s: float) -> dict:
     """The result dict: configuration, machine, summary, output comparison, raw data."""
     questions, records, calls = measured.questions, measured.records, measured.calls
-    names = [m.name for m in methods]
+    names = [m.name for m in methods if m.name not in measured.skipped]
     groups = list(dict.fromkeys(q.group for q in questions))
-    summary = summarize(records, calls, names, groups, options.batch_sizes)
+
+    def scenario(name: str) -> list[dict]:
+        return summarize([r for r in records if r["scenario"] == name],
+                         [c for c in calls if c["scenario"] == name],
+                         names, groups, options.batch_sizes)
+
     mm = mismatches(records, names) if options.temperature == 0 else {}
     failing = {m: v for m, v in mm.items() if v["share"] > MISMATCH_TOLERANCE}
     exit_code = EXIT_MISMATCH if failing else EXIT_ERROR if measured.errors else EXIT_OK
@@ -250,8 +297,9 @@ def _result(options: BenchOptions, model: str, methods: list[Method], machine: d
         "questions": [{"question_id": q.question_id, "group": q.group, "category": q.category,
                        "prompt_tokens": n, "text": q.text}
                       for q, n in zip(questions, measured.prompt_tokens)],
-        "summary": summary, "mismatches": mm, "failing_methods": sorted(failing),
-        "errors": measured.errors, "exit_code": exit_code, "calls": calls, "records": records,
+        "summary": scenario(UNSEEN), "summary_repeat": scenario(REPEAT) if options.rounds > 1
+        else [], "skipped_methods": measured.skipped,
+        "mismatches": mm, "failing_methods": sorted(failing), "errors": measured.errors, "exit_code": exit_code, "calls": calls, "records": records,
     }
 
 
@@ -286,8 +334,8 @@ def _bar(options, total: int, desc: str):
                 disable=not options.progress, dynamic_ncols=True)
 
 
-def _build_engines(options, model, methods, engines, errors, engine_meta) -> None:
-    with _bar(options, len(methods), "starting engines") as bar:
+def _build_engines(options, model, methods, engines, errors, engine_meta, bs: int) -> None:
+    with _bar(options, len(methods), f"starting engines (batch size {bs})") as bar:
         for method in methods:
             bar.set_postfix_str(method.name)
             _build_engine(options, model, method, engines, errors, engine_meta)
@@ -332,46 +380,52 @@ def _warm_up(options, engines, prompts, errors, engine_meta) -> None:
             bar.update(1)
 
 
-def _measure(options, engines, questions, prompts, errors) -> tuple[list[dict], list[dict]]:
+def _measure(options, engines, questions, prompts, errors, bs: int
+             ) -> tuple[list[dict], list[dict]]:
+    """Every round and batch of `bs` consecutive prompts on every engine, in rotating order;
+    records each prompt's output, marked identical to plain's or not (greedy)."""
     from vllm import SamplingParams
 
     params = SamplingParams(temperature=options.temperature, max_tokens=options.max_tokens,
                             seed=0)
     n = len(prompts)
-    steps = sum(options.rounds * -(-n // b) for b in options.batch_sizes)
     records, calls = [], []
     rotation = 0
-    with _bar(options, steps, "measuring") as bar:
-        for bs in options.batch_sizes:
-            for rnd in range(options.rounds):
-                for start in range(0, n, bs):
-                    idx = list(range(start, min(start + bs, n)))
-                    names = list(engines)
-                    order = names[rotation % len(names):] + names[:rotation % len(names)]
-                    rotation += 1
-                    batch_records = {}
-                    for name in order:
-                        try:
-                            call, recs = _timed_call(engines[name], name, params,
-                                                     [prompts[i] for i in idx],
-                                                     [questions[i] for i in idx], bs, rnd, start)
-                        except Exception as e:
-                            drop_failed_engine(engines, errors, name, "generate", e)
-                            continue
-                        call["order"] = order.index(name)
-                        calls.append(call)
-                        batch_records[name] = recs
-                    base = batch_records.get(BASELINE)
-                    for name, recs in batch_records.items():
-                        for i, r in enumerate(recs):
-                            if base is None or name == BASELINE or options.temperature != 0:
-                                r["identical"], r["first_difference"] = None, None
-                            else:
-                                diff = first_difference(base[i]["token_ids"], r["token_ids"])
-                                r["identical"], r["first_difference"] = diff is None, diff
-                        records.extend(recs)
-                    bar.update(1)
+    with _bar(options, options.rounds * -(-n // bs), f"measuring (batch size {bs})") as bar:
+        for rnd in range(options.rounds):
+            for start in range(0, n, bs):
+                idx = list(range(start, min(start + bs, n)))
+                names = list(engines)
+                order = names[rotation % len(names):] + names[:rotation % len(names)]
+                rotation += 1
+                batch_records = {}
+                for name in order:
+                    try:
+                        call, recs = _timed_call(engines[name], name, params,
+                                                 [prompts[i] for i in idx],
+                                                 [questions[i] for i in idx], bs, rnd, start)
+                    except Exception as e:
+                        drop_failed_engine(engines, errors, name, "generate", e)
+                        continue
+                    call["order"] = order.index(name)
+                    calls.append(call)
+                    batch_records[name] = recs
+                _compare_to_plain(batch_records, options.temperature)
+                records.extend(r for recs in batch_records.values() for r in recs)
+                bar.update(1)
     return records, calls
+
+
+def _compare_to_plain(batch_records: dict[str, list[dict]], temperature: float) -> None:
+    """Mark each record identical to plain's output for the same prompt, or not (greedy)."""
+    base = batch_records.get(BASELINE)
+    for name, recs in batch_records.items():
+        for i, r in enumerate(recs):
+            if base is None or name == BASELINE or temperature != 0:
+                r["identical"], r["first_difference"] = None, None
+            else:
+                diff = first_difference(base[i]["token_ids"], r["token_ids"])
+                r["identical"], r["first_difference"] = diff is None, diff
 
 
 def _timed_call(llm, name, params, prompts, questions, bs, rnd, start):
@@ -387,14 +441,17 @@ def _timed_call(llm, name, params, prompts, questions, bs, rnd, start):
     spec1 = spec_counters(llm)
     clasp1 = clasp_stats(llm) if clasp else None
     tokens = [list(o.outputs[0].token_ids) for o in outputs]
+    scenario = UNSEEN if rnd == 0 else REPEAT
     call = {
-        "method": name, "batch_size": bs, "round": rnd, "batch_start": start,
+        "method": name, "batch_size": bs, "round": rnd, "scenario": scenario,
+        "batch_start": start,
         "question_ids": [q.question_id for q in questions], "groups": [q.group for q in questions],
         "wall_s": wall, "num_tokens": [len(t) for t in tokens],
         **{k: spec1[k] - spec0[k] for k in spec0},
         "clasp": _delta(clasp0, clasp1),
     }
-    recs = [{"method": name, "batch_size": bs, "round": rnd, "question_id": q.question_id,
+    recs = [{"method": name, "batch_size": bs, "round": rnd, "scenario": scenario,
+             "question_id": q.question_id,
              "group": q.group, "category": q.category, "num_tokens": len(t), "wall_s": wall,
              "tps": len(t) / wall if wall > 0 else 0.0, "token_ids": t,
              "text": o.outputs[0].text, "finish_reason": o.outputs[0].finish_reason}
@@ -434,18 +491,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sampling temperature (default 0: greedy, outputs compared)")
     parser.add_argument("--batch-sizes", default="1", metavar="LIST",
                         help="comma list of batch sizes (default 1)")
+    _add_engine_arguments(parser)
+
+
+def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags about the engines: dtype, methods, model, rounds, output, warm-up, logging."""
     parser.add_argument("--dtype", default="float32",
                         help="model dtype (default float32: memory-bound on AVX2 CPUs, where "
                              "bf16 is emulated and compute-bound)")
-    parser.add_argument("--methods", default="plain,clasp,ngram", metavar="LIST",
-                        help="comma list of plain, clasp, clasp-layers (no prompt lookup), ngram "
+    parser.add_argument("--methods", default="plain,clasp,suffix,ngram", metavar="LIST",
+                        help="comma list of plain, clasp, clasp-layers (no copied drafts), "
+                             "suffix (vLLM's, needs arctic-inference), ngram "
                              "or name=JSON (any speculative "
                              "config, e.g. 'clasp8={\"method\":\"clasp\",\"clasp_skip_layers\":8}')"
                              "; ngram = num_speculative_tokens 4 with vLLM's default "
                              "prompt_lookup_min/max (5); plain is always added")
     parser.add_argument("--model", default=None,
                         help="model name or HF directory (default: the prepared default model)")
-    parser.add_argument("--rounds", type=int, default=1, help="repetitions (default 1)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="passes over the prompts per batch size (default 1); the first "
+                             "is the 'unseen' scenario, later ones the 'repeat' scenario")
+    parser.add_argument("--repeat", action="store_true",
+                        help="also send the prompts a second time (--rounds 2): the 'repeat' "
+                             "scenario, reported apart, where memory across requests "
+                             "(suffix trees) is meant to win")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="output directory (default bench-results/<timestamp>)")
     parser.add_argument("--sweep-skip", default=None, metavar="LIST",
@@ -457,7 +526,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "torch.compile, but plain decoding is slower (default: compiled, "
                              "measured 16%% faster for plain on a 2-core AVX2 CPU)")
     parser.add_argument("--warmup", type=int, default=2, metavar="N",
-                        help="warm-up prompts per engine, excluded (default 2)")
+                        help="warm-up prompts per engine (generic prompts, not Spec-Bench "
+                             "questions; never measured; default 2)")
     parser.add_argument("--no-iomp", action="store_true",
                         help="do not preload Intel OpenMP (libiomp5) on CPU")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -475,7 +545,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         batch_sizes=parse_int_list(args.batch_sizes, "--batch-sizes", low=1),
         dtype=args.dtype, methods=args.methods,
         sweep_skip=parse_int_list(args.sweep_skip, "--sweep-skip") if args.sweep_skip else (),
-        model=args.model, rounds=args.rounds,
+        model=args.model, rounds=max(args.rounds, 2 if args.repeat else 1),
         out=args.out or os.path.join(
             "bench-results", datetime.datetime.now().strftime("%Y%m%d-%H%M%S")),
         max_model_len=args.max_model_len, enforce_eager=args.enforce_eager, warmup=args.warmup,

@@ -15,14 +15,29 @@ from vllm_clasp.tools.report import BASELINE
 
 logger = logging.getLogger("vllm_clasp.tools.bench")
 
-#: Built-in method names. `ngram` keeps vLLM's defaults (prompt_lookup_min = max = 5) except k.
+#: Built-in method names. `ngram` keeps vLLM's defaults (prompt_lookup_min = max = 5) except k;
+#: `suffix` is vLLM's own suffix decoding with its defaults (arctic-inference, K = 24).
 BUILTIN_METHODS: dict[str, dict | None] = {
     "plain": None,
     "clasp": {"method": "clasp"},
-    # CLaSp's layer-skipped drafts alone (the paper's method), without prompt lookup.
-    "clasp-layers": {"method": "clasp", "clasp_prompt_lookup_max": 0},
+    # CLaSp's layer-skipped drafts alone (the paper's method), without copied drafts.
+    "clasp-layers": {"method": "clasp", "clasp_copy_source": "none"},
     "ngram": {"method": "ngram", "num_speculative_tokens": 4},
+    "suffix": {"method": "suffix"},
 }
+
+
+def unavailable(method: "Method") -> str | None:
+    """Why a method cannot run on this machine (None: it can): vLLM's `suffix` method, or a
+    CLaSp config asking for suffix copies, without arctic-inference."""
+    from vllm_clasp.core.options import SUFFIX_INSTALL_HINT, suffix_library_available
+
+    config = method.speculative_config or {}
+    wants_suffix = (config.get("method") == "suffix"
+                    or config.get("clasp_copy_source") == "suffix")
+    if wants_suffix and not suffix_library_available():
+        return f"arctic-inference is not installed ({SUFFIX_INSTALL_HINT})"
+    return None
 
 
 @dataclass(frozen=True)

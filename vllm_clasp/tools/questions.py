@@ -20,6 +20,14 @@ logger = logging.getLogger("vllm_clasp.tools.bench")
 MT_BENCH_CATEGORIES = (
     "writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities",
 )
+#: Warm-up prompts: never measured, and not Spec-Bench questions, so a method with memory
+#: across requests (suffix trees over past responses) learns nothing about the measured ones.
+WARMUP_PROMPTS = (
+    "Write a short poem about the sea at night.",
+    "Explain in a few sentences how a bicycle stays upright.",
+    "List three tips for keeping houseplants healthy.",
+    "What are the main differences between a lake and a pond?",
+)
 #: Default questions file, relative to the current working directory.
 DEFAULT_QUESTIONS = os.path.join("..", "shared", "data", "spec_bench", "question.jsonl")
 

@@ -149,8 +149,16 @@ def format_report(result: dict) -> str:
     cfg = result["config"]
     methods = [m["name"] for m in cfg["methods"]]
     lines = _header_lines(result)
+    for name, why in result.get("skipped_methods", {}).items():
+        lines.append(f"{name}: skipped: {why}")
+    methods = [m for m in methods if m not in result.get("skipped_methods", {})]
     for bs in cfg["batch_sizes"]:
         lines += _batch_size_lines(result["summary"], cfg["categories"], methods, bs)
+    if result.get("summary_repeat"):
+        lines += ["", "REPEAT scenario: the same prompts sent again to the same engines (as "
+                      "agentic loops do; memory across requests may help)"]
+        for bs in cfg["batch_sizes"]:
+            lines += _batch_size_lines(result["summary_repeat"], cfg["categories"], methods, bs)
     lines += _memory_lines(result, methods)
     lines += _mismatch_lines(result)
     for err in result.get("errors", []):
@@ -182,6 +190,8 @@ def _batch_size_lines(rows: list[dict], categories: Sequence[str], methods: Sequ
     """One batch size's table, whole-batch throughput, identity and CLaSp time split."""
     lines = ["", f"batch size {bs}: tokens/s per prompt (mean), speedup vs plain, "
                  f"tau = mean accepted tokens per step"]
+    if not any(r["batch_size"] == bs for r in rows):
+        return lines + ["(nothing measured)"]
     lines += _speed_table(rows, categories, methods, bs)
     lines += _throughput_lines(rows, methods, bs)
     lines += _time_split_lines(rows, categories, methods, bs)
