@@ -66,6 +66,7 @@ def test_bench_small(tmp_path, model_dir):
                 assert row["drafts"] > 0, f"{method} at batch size {bs} never drafted"
     clasp = rows[(1, "overall", "clasp-always")]["clasp"]
     assert clasp["search_time_s"] > 0 and clasp["draft_time_s"] > 0
+    assert clasp["planning_time_s"] > 0
     assert (out / "speedup_by_group.png").is_file()
     assert (out / "speedup_vs_batch_size.png").is_file()
     assert "outputs identical to plain" in proc.stdout

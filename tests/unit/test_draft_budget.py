@@ -105,13 +105,37 @@ def test_budget_explores_and_switches_off():
     assert budget.start_step(1) is None  # no fit yet: verify everything
     for i in range(20):
         budget.observe(1, 1 + i % 5, 0.05 + 0.001 * (1 + i % 5))
-    decided = [budget.start_step(1) for _ in range(8)]
+    decided = []
+    for _ in range(8):  # a fitted decision that drafts keeps exploration every 4th step
+        decided.append(budget.start_step(1))
+        if decided[-1] is not None:
+            budget.model_rows(decided[-1], [5.0], expected=1.0, seconds=1.0)
     assert sum(d is None for d in decided) == 2  # every 4th step of the bucket explores
     assert all(d is not None for i, d in enumerate(decided, start=2) if i % 4)
     assert budget.lengths(None, [3, 2], [0.1, 0.1]) == [3, 2]
     off = DraftBudget(enabled=False)
     off.observe(1, 3, 0.05)
     assert off.start_step(1) is None and off.fits == {}
+
+
+def test_exploration_backs_off_while_model_drafts_stay_off():
+    """Fitted decisions that never draft with the model double the exploration interval
+    (4, 8, 16, ...); one that drafts brings it back to every 4th step."""
+    budget = DraftBudget(explore_every=4)
+    budget.start_step(1)
+    for i in range(20):
+        budget.observe(1, 1 + i % 5, 0.05 + 0.001 * (1 + i % 5))
+    explored = []
+    for step in range(2, 80):
+        cost = budget.start_step(1)
+        if cost is None:
+            explored.append(step)
+        else:
+            assert budget.model_rows(cost, [0.01], expected=1.0, seconds=0.05) == [False]
+    assert explored == [4, 12, 28, 60]  # intervals 8, 16, 32 after 4
+    budget.model_rows(budget.start_step(1), [50.0], expected=1.0, seconds=0.05)  # drafts
+    explored = [s for s in range(81, 200) if budget.start_step(1) is None]
+    assert explored[:2] == [124, 128], explored  # 64 after 60, then back to 4
 
 
 @pytest.mark.parametrize("seed", range(40))

@@ -23,13 +23,17 @@ ratio) and a share of the DP. `choose_rows` picks the requests that maximise E/T
 The fit needs steps with different token counts; drafts and the batch size provide them, and
 `DraftBudget` verifies every candidate on every `explore_every`-th step of a bucket and until
 its fit exists, so an over-estimated per-token cost is noticed; on those steps one request
-(the most promising) drafts with the model, so the draft cost stays measured.
+(the most promising) drafts with the model, so the draft cost stays measured. While the
+fitted decisions between two explorations chose no model draft at all, the interval doubles
+(up to `MAX_EXPLORE_EVERY`): where model drafts cannot pay, exploring them costs ~nothing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable, Sequence
 
+MAX_EXPLORE_EVERY = 1024
+"""Longest interval between exploration steps of a bucket (after backing off)."""
 FORGET = 0.98
 """Weight of an older step relative to the next one (an effective window of ~50 steps)."""
 MIN_STEPS = 8
@@ -191,6 +195,10 @@ class DraftBudget:
         self.loi = loi
         self.fits: dict[int, StepCostFit] = {}
         self._steps: dict[int, int] = {}
+        self._interval: dict[int, int] = {}  # bucket -> steps between explorations now
+        self._explored_at: dict[int, int] = {}  # bucket -> step of the last exploration
+        self._drafted: dict[int, bool] = {}  # bucket -> a fitted decision drafted since then
+        self._bucket = 1  # the current step's
         self.draft_ratio = draft_ratio
         """EW of measured model-draft seconds over the verification fit's prediction."""
         self.search_row_seconds = 0.0
@@ -229,10 +237,17 @@ class DraftBudget:
         the model for one request only (an exploration step, or no fit yet)."""
         if not self.enabled:
             return None
-        bucket = batch_bucket(batch_size)
+        self._bucket = bucket = batch_bucket(batch_size)
         self._steps[bucket] = steps = self._steps.get(bucket, 0) + 1
         fit = self.fits.get(bucket)
-        if fit is None or steps % self.explore_every == 0:
+        if fit is None:
+            return None
+        interval = self._interval.get(bucket, self.explore_every)
+        if steps - self._explored_at.get(bucket, 0) >= interval:
+            self._explored_at[bucket] = steps
+            self._interval[bucket] = (self.explore_every if self._drafted.get(bucket)
+                                      else min(2 * interval, MAX_EXPLORE_EVERY))
+            self._drafted[bucket] = False
             return None
         return fit.estimate()
 
@@ -251,10 +266,13 @@ class DraftBudget:
             return [r == best for r in range(len(gains))]
         fixed, per_token = cost
         length = self.model_draft_length
-        return choose_rows(
+        chosen = choose_rows(
             gains,
             pass_cost=length * self.draft_ratio * fixed,
             row_cost=(length * (self.draft_ratio + 1) * per_token
                       + self.search_row_seconds / self.loi),
             expected=expected, seconds=seconds,
         )
+        if any(chosen):
+            self._drafted[self._bucket] = True
+        return chosen

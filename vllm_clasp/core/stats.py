@@ -35,6 +35,8 @@ class ClaspStats:
     """Requests x verification steps that drafted."""
     num_model_draft_tokens: int = 0
     draft_time_s: float = 0.0
+    planning_time_s: float = 0.0
+    """The proposer's own bookkeeping (planning, copy sources, q), DP and drafting excluded."""
     num_threshold_exits: int = 0
     """Draft steps whose top-1 probability fell under the draft-exit threshold."""
     num_copy_draft_rounds: int = 0
@@ -90,6 +92,9 @@ class ClaspStats:
         self.draft_time_s += seconds
         self.skipped_layers.update(skip.sum(dim=1).tolist())
 
+    def record_planning(self, seconds: float) -> None:
+        self.planning_time_s += seconds
+
     def record_undrafted(self, num_requests: int, whole_step: bool) -> None:
         self.num_speculation_off_steps += whole_step
         self.num_speculation_off_rounds += num_requests
@@ -108,6 +113,7 @@ class ClaspStats:
             "num_model_draft_rounds": self.num_model_draft_rounds,
             "num_model_draft_tokens": self.num_model_draft_tokens,
             "draft_time_s": self.draft_time_s,
+            "planning_time_s": self.planning_time_s,
             "num_threshold_exits": self.num_threshold_exits,
             "num_copy_draft_rounds": self.num_copy_draft_rounds,
             "num_copy_draft_tokens": self.num_copy_draft_tokens,

@@ -24,6 +24,10 @@ BUILTIN_METHODS: dict[str, dict | None] = {
     "clasp-layers": {"method": "clasp", "clasp_copy_source": "none"},
     "ngram": {"method": "ngram", "num_speculative_tokens": 4},
     "suffix": {"method": "suffix"},
+    # Every draft source off: vLLM's speculative path with zero draft tokens plus CLaSp's
+    # bookkeeping, i.e. the floor of what a step costs when nothing is worth drafting.
+    "clasp-off": {"method": "clasp", "clasp_copy_source": "none",
+                  "clasp_max_model_draft_tokens": 0},
 }
 
 

@@ -104,11 +104,13 @@ def _row(bs, group, method, recs, cs, base_tps) -> dict:
         totals = {k: sum(c.get(k, 0) for c in clasp) for k in clasp[0]
                   if isinstance(clasp[0][k], (int, float))}
         dp, draft = totals.get("search_time_s", 0.0), totals.get("draft_time_s", 0.0)
+        plan = totals.get("planning_time_s", 0.0)
         row["clasp"] = {
-            **totals, "other_s": wall - dp - draft,
+            **totals, "other_s": wall - dp - draft - plan,
             "dp_pct": 100 * dp / wall if wall else None,
             "draft_pct": 100 * draft / wall if wall else None,
-            "other_pct": 100 * (wall - dp - draft) / wall if wall else None,
+            "planning_pct": 100 * plan / wall if wall else None,
+            "other_pct": 100 * (wall - dp - draft - plan) / wall if wall else None,
         }
     return row
 
@@ -254,9 +256,11 @@ def _time_split_lines(rows: list[dict], categories: Sequence[str], methods: Sequ
         split = [(g, find_row(rows, bs, g, m)) for g in [*categories, "overall"]]
         split = [(g, r["clasp"]) for g, r in split if r and r.get("clasp")]
         if split:
-            lines.append(f"{m} time split (DP / draft / verify+rest, % of wall): " + "; ".join(
-                f"{g} {_fmt(s['dp_pct'], '.1f')}/{_fmt(s['draft_pct'], '.1f')}/"
-                f"{_fmt(s['other_pct'], '.1f')}" for g, s in split))
+            lines.append(f"{m} time split (DP / draft / planning / verify+rest, % of wall): "
+                         + "; ".join(
+                             f"{g} {_fmt(s['dp_pct'], '.1f')}/{_fmt(s['draft_pct'], '.1f')}/"
+                             f"{_fmt(s.get('planning_pct'), '.1f')}/"
+                             f"{_fmt(s['other_pct'], '.1f')}" for g, s in split))
     return lines
 
 

@@ -26,6 +26,9 @@ COUNTERS = (
     ("search_time_s", "vllm:clasp_dp_seconds", "Wall time spent in the DP, in seconds."),
     ("draft_time_s", "vllm:clasp_draft_seconds",
      "Wall time spent drafting with the layer-skipped model, in seconds."),
+    ("planning_time_s", "vllm:clasp_planning_seconds",
+     "Wall time of CLaSp's per-step bookkeeping (planning, copied drafts), DP and drafting "
+     "excluded, in seconds."),
     ("num_model_draft_rounds", "vllm:clasp_model_draft_rounds",
      "Request x verification steps drafted by the layer-skipped model."),
     ("num_model_draft_tokens", "vllm:clasp_model_draft_tokens",

@@ -100,12 +100,21 @@ class ClaspProposer:
     @torch.inference_mode()
     def propose_for_runner(self, runner, scheduler_output, sampled_token_ids: list[list[int]]
                            ) -> tuple[list[list[int]], torch.Tensor | None]:
-        """(draft tokens per input-batch row, q [n, K, V] float32 for sampled batches)."""
+        """(draft tokens per input-batch row, q [n, k, V] float32 for sampled batches)."""
+        started = time.perf_counter()
+        drafts, draft_probs, model_seconds = self._propose(runner, scheduler_output,
+                                                           sampled_token_ids)
+        self.stats.record_planning(time.perf_counter() - started - model_seconds)
+        self.stats.maybe_log(len(self.planner.tracker))
+        return drafts, draft_probs
+
+    def _propose(self, runner, scheduler_output, sampled_token_ids):
+        """(drafts, q or None, seconds of DP and drafting)."""
         self.planner.retain(runner.requests.keys())
         step = self._step_inputs(runner, scheduler_output, sampled_token_ids)
         plan = self.planner.plan(step)
         if plan is None:
-            return [[] for _ in step.req_ids], None
+            return [[] for _ in step.req_ids], None, 0.0
         made, probs, seconds = {}, None, 0.0
         if plan.model_rows:
             if plan.search_rows:
@@ -117,8 +126,7 @@ class ClaspProposer:
         draft_probs = None
         if not runner.input_batch.sampling_metadata.all_greedy:
             draft_probs = self._draft_probs(len(step.req_ids), plan, probs)
-        self.stats.maybe_log(len(self.planner.tracker))
-        return drafts, draft_probs
+        return drafts, draft_probs, plan.model_seconds
 
     def _step_inputs(self, runner, scheduler_output, sampled_token_ids) -> StepInputs:
         batch = runner.input_batch
