@@ -97,9 +97,9 @@ def test_clasp_metrics_and_log_line(clasp_server):
     assert after.get("vllm:clasp_layer_skipped_total", 0) >= 1, after
     assert after.get("vllm:clasp_skipped_layers_count", 0) >= 1, after
     assert "vllm:clasp_tracked_requests" in after
-    # Every step of this request drafted by the model, by prompt lookup, or was counted off.
+    # Every step of this request drafted by the model, by copying, or was counted off.
     decided = sum(grew.get(f"vllm:clasp_{name}_rounds_total", 0)
-                  for name in ("model_draft", "prompt_lookup", "speculation_off"))
+                  for name in ("model_draft", "copy_draft", "speculation_off"))
     assert decided >= 1, grew
     deadline = time.monotonic() + 25  # vLLM logs stats every 10 s
     while "CLaSp: " not in clasp_server.log_tail(200_000) and time.monotonic() < deadline:

@@ -204,3 +204,21 @@ def test_copy_knobs_are_checked(knobs, message):
 def test_model_draft_length_is_capped_at_k():
     resolved = ClaspOptions(max_model_draft_tokens=20).resolve(30, 100, num_speculative_tokens=6)
     assert resolved.max_model_draft_tokens == 6
+
+
+def test_suffix_drafts_are_valued_by_their_token_probabilities():
+    """With verification paying per token, a suffix draft is cut where its tokens become
+    unlikely (the tree's probabilities), not at a per-source rate."""
+    from tests.unit.test_planner import FixedCost
+
+    options = ClaspOptions(copy_source="suffix", max_model_draft_tokens=0).resolve(
+        num_layers=3, vocab_size=100, num_speculative_tokens=12)
+    planner = StepPlanner(options, budget=FixedCost((0.010, 0.001)))
+    # The prompt repeats "1 2 3 4" three times, then "1 2 3 9" once, and the output ends in
+    # "1 2 3": 4 follows 3 of the 5 occurrences (the output's own has no continuation yet).
+    prompt = [1, 2, 3, 4] * 3 + [1, 2, 3, 9, 7, 7, 7, 7, 7]
+    plan = planner.plan(_inputs([prompt + [1, 2, 3]], prompt=len(prompt)))
+    probs = plan.copy_probs[0]
+    assert plan.copied[0][0] == 4 and probs[0] == pytest.approx(0.6)
+    gains = planner.calibration.gains(SUFFIX, probs)
+    assert all(a >= b for a, b in zip(gains, gains[1:]))

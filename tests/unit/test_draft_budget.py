@@ -190,3 +190,52 @@ def test_model_rows_from_the_measured_draft_ratio():
     # No fit (or exploring): the most promising request alone; adaptivity off: everyone.
     assert budget.model_rows(None, [0.2, 0.9, 0.5], 1.0, 1.0) == [False, True, False]
     assert DraftBudget(enabled=False).model_rows(None, [0.2, 0.9], 1, 1) == [True, True]
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_choice_with_given_token_gains_maximises_expected_tokens_per_second(seed):
+    """Drafts valued by per-position acceptance probabilities (a suffix tree's), against
+    every combination of prefixes."""
+    rng = random.Random(1000 + seed)
+    n = rng.randint(1, 3)
+    candidates = [rng.randint(0, 4) for _ in range(n)]
+    given = []
+    for c in candidates:
+        product, gains = 1.0, []
+        for _ in range(c):
+            product *= rng.uniform(0.1, 1.0)
+            gains.append(product)
+        given.append(gains)
+    fixed = rng.uniform(0.005, 0.1)
+    per_token = fixed * rng.choice([0.01, 0.1, 0.3, 1.0])
+    chosen = choose_lengths(candidates, [0.5] * n, fixed, per_token, token_gains=given)
+
+    def rate(lengths):
+        expected = sum(1 + sum(g[:k]) for k, g in zip(lengths, given))
+        return expected / (fixed + per_token * sum(1 + k for k in lengths))
+
+    best = max(rate(ls) for ls in itertools.product(*(range(c + 1) for c in candidates)))
+    assert rate(chosen) == pytest.approx(best, rel=1e-12)
+
+
+def test_model_drafts_need_the_margin():
+    """A draft that would raise tokens/s by 2 % is not taken under a 3 % margin."""
+    assert choose_rows([0.02], 0.0, 0.0, expected=1.0, seconds=1.0) == [True]
+    assert choose_rows([0.02], 0.0, 0.0, expected=1.0, seconds=1.0, margin=1.03) == [False]
+    assert choose_rows([0.05], 0.0, 0.0, expected=1.0, seconds=1.0, margin=1.03) == [True]
+
+
+def test_probability_calibration():
+    from vllm_clasp.core.draft_budget import ProbabilityCalibration
+
+    calibration = ProbabilityCalibration()
+    assert calibration.factor("suffix") == 1.0
+    assert calibration.gains("suffix", [0.9, 0.5, 1.0]) == pytest.approx([0.9, 0.45, 0.45])
+    for _ in range(100):  # the probabilities promise twice what is accepted
+        calibration.observe("suffix", predicted=2.0, accepted=1)
+    assert calibration.factor("suffix") == pytest.approx(0.5)
+    assert calibration.gains("suffix", [0.9, 0.5]) == pytest.approx([0.45, 0.225])
+    for _ in range(500):  # accepted far more than promised: capped at 2x, gains at 1
+        calibration.observe("suffix", predicted=1.0, accepted=5)
+    assert calibration.factor("suffix") == 2.0
+    assert calibration.gains("suffix", [0.9, 0.5]) == pytest.approx([1.0, 0.9])

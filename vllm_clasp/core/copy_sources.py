@@ -119,6 +119,53 @@ class SuffixTrees:
 CopySource = NgramLookup | SuffixTrees
 
 
+class CopiedDrafts:
+    """The copy sources a planner uses: `copy_source` for unseeded requests, n-gram lookup
+    for seeded ones (their own context only); none with copy_source "none"."""
+
+    def __init__(self, options):  # a ResolvedClaspOptions
+        self.source = make_copy_source(options.copy_source, options.prompt_lookup_max,
+                                       options.prompt_lookup_min, options.suffix)
+        self.seeded = None if self.source is None else (
+            self.source if self.source.name == NGRAM
+            else NgramLookup(options.prompt_lookup_max, options.prompt_lookup_min))
+
+    def update(self, step, rows: list[int]) -> None:
+        """Feed every decoding request's new tokens to the source (suffix trees keep each
+        prompt and the responses so far). step: a planner's StepInputs."""
+        if self.source is None or self.source is self.seeded:
+            return  # n-gram lookup keeps no state
+        for i in rows:
+            if i not in step.seeded:
+                self.source.update(step.req_ids[i], step.token_ids[i, : step.num_tokens[i]],
+                                   int(step.num_prompt_tokens[i]))
+
+    def find(self, step, rows: list[int]
+             ) -> tuple[dict[int, np.ndarray], dict[int, str], dict[int, np.ndarray]]:
+        """({row: copied draft}, {row: its source's name}, {row: the source's probability
+        of each draft token, where it gives one}) for the rows that have a draft."""
+        found, source, probs = {}, {}, {}
+        if self.source is None:
+            return found, source, probs
+        for i in rows:
+            copier = self.seeded if i in step.seeded else self.source
+            draft = copier.draft(step.req_ids[i], step.token_ids[i, : step.num_tokens[i]],
+                                 int(step.max_draft[i]))
+            if len(draft.tokens):
+                found[i], source[i] = draft.tokens, copier.name
+                if draft.probs is not None:
+                    probs[i] = draft.probs
+        return found, source, probs
+
+    def forget(self, req_ids: Iterable[Hashable]) -> None:
+        if self.source is not None:
+            self.source.forget(req_ids)
+
+    def retain(self, live: Iterable[Hashable]) -> None:
+        if self.source is not None:
+            self.source.retain(live)
+
+
 def make_copy_source(kind: str, prompt_lookup_max: int, prompt_lookup_min: int,
                      suffix: SuffixOptions) -> CopySource | None:
     """The source a resolved `copy_source` names ("suffix", "ngram", "none": None)."""

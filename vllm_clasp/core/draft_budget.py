@@ -32,6 +32,10 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Iterable, Sequence
 
+MODEL_DRAFT_MARGIN = 1.03
+"""Model drafts must promise 3 % more tokens per second than not drafting: the requests a
+comparison picks are those whose acceptance estimate is luckiest (the winner's curse), and
+on the reference CPU model drafts that were predicted to pay barely did not (benchmarks.md)."""
 MAX_EXPLORE_EVERY = 1024
 """Longest interval between exploration steps of a bucket (after backing off)."""
 FORGET = 0.98
@@ -84,6 +88,34 @@ class StepCostFit:
         return fixed, per_token
 
 
+class ProbabilityCalibration:
+    """Per source: measured accepted tokens over those its token probabilities predicted
+    (exponentially weighted), so a source's probabilities can stand for acceptance."""
+
+    def __init__(self, forget: float = 0.99):
+        self.forget = forget
+        self._sums: dict[str, list[float]] = {}  # source -> [predicted, accepted]
+
+    def observe(self, source: str, predicted: float, accepted: int) -> None:
+        sums = self._sums.setdefault(source, [0.0, 0.0])
+        sums[0] = self.forget * sums[0] + predicted
+        sums[1] = self.forget * sums[1] + accepted
+
+    def factor(self, source: str) -> float:
+        """accepted / predicted, within [0.25, 2]; 1 before 8 predicted tokens."""
+        predicted, accepted = self._sums.get(source, (0.0, 0.0))
+        return 1.0 if predicted < 8 else min(max(accepted / predicted, 0.25), 2.0)
+
+    def gains(self, source: str, probs) -> list[float]:
+        """Per position, the calibrated probability that the draft is accepted up to it
+        (non-increasing): factor x the product of the token probabilities, capped at 1."""
+        factor, product, out = self.factor(source), 1.0, []
+        for p in probs:
+            product *= float(p)
+            out.append(min(factor * product, out[-1] if out else 1.0))
+        return out
+
+
 class AcceptanceRates:
     """Per request and draft source: the rate at which its draft tokens are accepted, shrunk
     towards the source-wide rate while the request has few observations of its own."""
@@ -134,16 +166,22 @@ def choose_lengths(
     rates: Sequence[float],  # per request: acceptance rate of those tokens
     fixed: float,
     per_token: float,
+    token_gains: Sequence[Sequence[float] | None] | None = None,
 ) -> list[int]:
-    """Per request, how many of its candidate tokens to verify (a prefix of each draft)."""
+    """Per request, how many of its candidate tokens to verify (a prefix of each draft).
+
+    token_gains[r] (optional, non-increasing): the probability that row r's draft is
+    accepted up to each position, replacing rate ** position (e.g. from a suffix tree's
+    token probabilities)."""
     if per_token <= 0:
         return list(candidates)
     lengths = [0] * len(candidates)
     expected = float(len(candidates))  # each request's verified token (or bonus) is certain
     seconds = fixed + per_token * len(candidates)
+    token_gains = token_gains or [None] * len(candidates)
     gains = sorted(
-        ((rate ** position, row)
-         for row, (count, rate) in enumerate(zip(candidates, rates))
+        ((rate ** position if given is None else given[position - 1], row)
+         for row, (count, rate, given) in enumerate(zip(candidates, rates, token_gains))
          for position in range(1, count + 1)),
         reverse=True,
     )  # a row's gains fall with the position, so every prefix of this order is a draft prefix
@@ -162,11 +200,13 @@ def choose_rows(
     row_cost: float,  # seconds per drafting request: its share of the passes, DP, verifying
     expected: float,  # tokens the step is already expected to produce
     seconds: float,  # what the step already costs
+    margin: float = 1.0,
 ) -> list[bool]:
     """Which requests to draft for, maximising expected tokens per second. For a given number
-    k of requests the best are the k of highest gain, so every k is tried (0 included)."""
+    k of requests the best are the k of highest gain, so every k is tried (0 included); any
+    k > 0 must beat not drafting by the factor `margin`."""
     order = sorted(range(len(gains)), key=lambda r: -gains[r])
-    best_k, best_rate, gain = 0, expected / seconds, 0.0
+    best_k, best_rate, gain = 0, expected / seconds * margin, 0.0
     for k, row in enumerate(order, start=1):
         gain += gains[row]
         rate = (expected + gain) / (seconds + pass_cost + row_cost * k)
@@ -252,8 +292,10 @@ class DraftBudget:
         return fit.estimate()
 
     def lengths(self, cost: tuple[float, float] | None, candidates: Sequence[int],
-                rates: Sequence[float]) -> list[int]:
-        return list(candidates) if cost is None else choose_lengths(candidates, rates, *cost)
+                rates: Sequence[float],
+                token_gains: Sequence[Sequence[float] | None] | None = None) -> list[int]:
+        return (list(candidates) if cost is None
+                else choose_lengths(candidates, rates, *cost, token_gains=token_gains))
 
     def model_rows(self, cost: tuple[float, float] | None, gains: Sequence[float],
                    expected: float, seconds: float) -> list[bool]:
@@ -271,7 +313,7 @@ class DraftBudget:
             pass_cost=length * self.draft_ratio * fixed,
             row_cost=(length * (self.draft_ratio + 1) * per_token
                       + self.search_row_seconds / self.loi),
-            expected=expected, seconds=seconds,
+            expected=expected, seconds=seconds, margin=MODEL_DRAFT_MARGIN,
         )
         if any(chosen):
             self._drafted[self._bucket] = True

@@ -19,6 +19,11 @@ DEFAULT_NUM_SPECULATIVE_TOKENS = 8
 """K without a suffix-tree copy source: the longest draft verified in one step."""
 DEFAULT_MAX_MODEL_DRAFT_TOKENS = 8
 DEFAULT_SKIP_RATIO = 0.3
+"""The fixed M's ratio for seeded requests under "auto" (their drafts must not depend on
+measured time), and the paper's order of magnitude."""
+AUTO = "auto"
+AUTO_SKIP_RANGE = (0.1, 0.6)
+"""With "auto", M is chosen in round(0.1 L) .. round(0.6 L) (at least 1 .. skippable)."""
 DEFAULT_LOI = 16
 DEFAULT_DRAFT_VOCAB_SIZE = 16384
 DEFAULT_DRAFT_EXIT_THRESHOLD = 0.7
@@ -62,10 +67,12 @@ def knob_names() -> list[str]:
 class ClaspOptions:
     """User-facing CLaSp knobs, validated on construction (ValueError names key and range)."""
 
-    skip_layers: int | None = None
-    """Number of decoder layers the draft skips. Exclusive with `skip_ratio`."""
+    skip_layers: int | str | None = None
+    """Number of decoder layers the draft skips (M), or "auto": chosen per request and DP run
+    to maximise expected tokens per second (`core.skip_count`), among round(0.1 L) ..
+    round(0.6 L). Exclusive with `skip_ratio`; None (neither given) means "auto"."""
     skip_ratio: float | None = None
-    """Skipped layers as a fraction of all layers; default 0.3 when neither is given."""
+    """Skipped layers as a fraction of all layers (a fixed M = round(r L))."""
     loi: int = DEFAULT_LOI
     """Layer optimization interval: verification steps between two DP runs per request."""
     draft_exit_threshold: float = DEFAULT_DRAFT_EXIT_THRESHOLD
@@ -117,7 +124,9 @@ class ClaspOptions:
             raise ValueError(
                 "clasp_skip_layers and clasp_skip_ratio are mutually exclusive; give one"
             )
-        _check_int("clasp_skip_layers", self.skip_layers, low=0, allow_none=True)
+        if self.skip_layers != AUTO:
+            _check_int("clasp_skip_layers", self.skip_layers, low=0, allow_none=True,
+                       also='"auto"')
         if self.skip_ratio is not None and not (
             _is_number(self.skip_ratio) and 0.0 <= self.skip_ratio < 1.0
         ):
@@ -186,6 +195,13 @@ class ClaspOptions:
         k = (self.default_num_speculative_tokens() if num_speculative_tokens is None
              else num_speculative_tokens)
         never_skip, num_skip = _resolve_skip(self, num_layers)
+        skippable = num_layers - sum(never_skip)
+        auto = self.skip_ratio is None and self.skip_layers in (None, AUTO)
+        skip_range = (num_skip, num_skip)
+        if auto:
+            lo, hi = (round(r * num_layers) for r in AUTO_SKIP_RANGE)
+            hi = min(max(hi, 1), skippable)
+            skip_range = (min(max(lo, 1), hi), hi)
         if self.draft_vocab_size is not None and self.draft_vocab_size > vocab_size:
             raise ValueError(
                 f"clasp_draft_vocab_size={self.draft_vocab_size} exceeds the model's "
@@ -198,6 +214,8 @@ class ClaspOptions:
         return ResolvedClaspOptions(
             num_layers=num_layers,
             num_skip=num_skip,
+            auto_skip=auto,
+            skip_range=skip_range,
             never_skip=tuple(never_skip),
             loi=self.loi,
             draft_exit_threshold=float(self.draft_exit_threshold),
@@ -227,6 +245,10 @@ class ResolvedClaspOptions:
 
     num_layers: int
     num_skip: int
+    """The fixed M; with auto_skip, the M of seeded requests (their fixed policy)."""
+    auto_skip: bool
+    skip_range: tuple[int, int]
+    """(lo, hi): the Ms the DP covers; (M, M) unless auto_skip."""
     never_skip: tuple[bool, ...] = field(repr=False)  # [num_layers]
     loi: int
     draft_exit_threshold: float
@@ -291,7 +313,7 @@ def _resolve_skip(options: ClaspOptions, num_layers: int) -> tuple[list[bool], i
             )
         never_skip[layer % num_layers] = True
     skippable = num_layers - sum(never_skip)
-    if options.skip_layers is None:
+    if options.skip_layers in (None, AUTO):
         ratio = DEFAULT_SKIP_RATIO if options.skip_ratio is None else options.skip_ratio
         return never_skip, min(round(ratio * num_layers), skippable)
     if options.skip_layers > skippable:
@@ -307,9 +329,11 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _check_int(key: str, value, low: int | None = None, allow_none: bool = False) -> None:
+def _check_int(key: str, value, low: int | None = None, allow_none: bool = False,
+               also: str | None = None) -> None:
     if value is None and allow_none:
         return
     if not isinstance(value, int) or isinstance(value, bool) or (low is not None and value < low):
         allowed = "an integer" if low is None else f"an integer >= {low}"
+        allowed += f" or {also}" if also else ""
         raise ValueError(f"{key} must be {allowed}, got {value!r}")

@@ -27,15 +27,20 @@ same layers. With one rank `broadcast` is the identity.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from vllm_clasp.core.copy_sources import NGRAM, NgramLookup, make_copy_source
-from vllm_clasp.core.draft_budget import AcceptanceRates, DraftBudget, expected_accepted
+from vllm_clasp.core.copy_sources import CopiedDrafts
+from vllm_clasp.core.draft_budget import (
+    AcceptanceRates, DraftBudget, ProbabilityCalibration, expected_accepted,
+)
+from vllm_clasp.core.optimizer import SkipSearch
 from vllm_clasp.core.options import ResolvedClaspOptions
+from vllm_clasp.core.skip_count import SkipCountChoice, SkipCountPolicy
 from vllm_clasp.core.skip_state import SkipSetTracker
 from vllm_clasp.core.stats import ClaspStats
 
@@ -43,6 +48,7 @@ MODEL = "model"
 """Draft sources, each with its own acceptance rates: MODEL and the copy sources' names."""
 
 Broadcast = Callable[[torch.Tensor], torch.Tensor]
+DP_LOG_SIZE = 4096
 
 
 def _identity(tensor: torch.Tensor) -> torch.Tensor:
@@ -70,11 +76,13 @@ class Plan:
     rows: list[int]  # rows that decode this step (each verifies at least its own token)
     copied: dict[int, np.ndarray]  # row -> copied draft worth verifying
     copy_source: dict[int, str]  # row -> the source of its copy
+    copy_probs: dict[int, np.ndarray]  # row -> its source's probability per copied token
     model_rows: list[int]  # rows to draft with the layer-skipped model (ascending)
     search_rows: list[int]  # of model_rows: due for a DP run before drafting
     cost: tuple[float, float] | None  # the verification fit decided with (None: verify all)
     started: float = 0.0  # clock() when planning started
     model_seconds: float = 0.0  # DP + drafting time, added by record_search / finish
+    skip_choices: dict[int, SkipCountChoice] = field(default_factory=dict)  # row -> M chosen
 
 
 @dataclass
@@ -86,12 +94,30 @@ class _Ledger:
     model_seconds: float
     verified_tokens: int  # one per row + every draft token verified
     drafted: dict[str, tuple[str, int]] = field(default_factory=dict)  # req -> (source, tokens)
+    predicted: dict[str, float] = field(default_factory=dict)  # req -> accepted its probs predict
+
+    @classmethod
+    def of(cls, plan: Plan, step: StepInputs, drafts: list[list[int]]) -> "_Ledger":
+        """What `plan` verifies, once its drafts are final (plan.copied: the kept copies)."""
+        copied = plan.copied
+        return cls(
+            batch_size=len(plan.rows), started=plan.started, model_seconds=plan.model_seconds,
+            verified_tokens=len(plan.rows) + sum(len(drafts[i]) for i in plan.rows),
+            drafted={step.req_ids[i]: (plan.copy_source[i] if i in copied else MODEL,
+                                       len(drafts[i]))
+                     for i in plan.rows if drafts[i]},
+            predicted={step.req_ids[i]: float(np.cumprod(plan.copy_probs[i][: len(d)]).sum())
+                       for i, d in copied.items() if i in plan.copy_probs},
+        )
 
 
 class StepPlanner:
     def __init__(self, options: ResolvedClaspOptions, stats: ClaspStats | None = None,
                  broadcast: Broadcast = _identity, clock: Callable[[], float] = time.perf_counter,
-                 budget: DraftBudget | None = None):
+                 budget: DraftBudget | None = None, layer_costs: Sequence[float] | None = None,
+                 head_cost: float = 0.0):
+        """layer_costs [L], head_cost: each decoder layer's and the draft head's cost (e.g.
+        their weights), for the choice of M under "auto" (`core.skip_count`)."""
         self.options = options
         self.stats = stats if stats is not None else ClaspStats()
         self.broadcast = broadcast
@@ -99,12 +125,12 @@ class StepPlanner:
         self.tracker = SkipSetTracker(options.loi)
         self.acceptance = AcceptanceRates()
         self.budget = budget or DraftBudget(enabled=options.adaptive, loi=options.loi)
-        self.copier = make_copy_source(options.copy_source, options.prompt_lookup_max,
-                                       options.prompt_lookup_min, options.suffix)
-        # Seeded requests copy from their own context only (see the module docstring).
-        self.seeded_copier = None if self.copier is None else (
-            self.copier if self.copier.name == NGRAM
-            else NgramLookup(options.prompt_lookup_max, options.prompt_lookup_min))
+        self.skip_counts = SkipCountPolicy(options.num_skip, options.auto_skip,
+                                           options.skip_range, layer_costs, head_cost)
+        self.dp_log: deque[dict] = deque(maxlen=DP_LOG_SIZE)
+        """The latest DP runs (M chosen, fit per M, layers skipped): `vllm-clasp layers`."""
+        self.copies = CopiedDrafts(options)
+        self.calibration = ProbabilityCalibration()
         self._ledger: _Ledger | None = None
 
     # ------------------------------------------------------------------ request lifetime
@@ -113,8 +139,7 @@ class StepPlanner:
         req_ids = list(req_ids or ())
         self.tracker.drop(req_ids)
         self.acceptance.drop(req_ids)
-        if self.copier is not None:
-            self.copier.forget(req_ids)
+        self.copies.forget(req_ids)
         self.stats.tracked_requests = len(self.tracker)
 
     def retain(self, live: Iterable[str]) -> None:
@@ -124,8 +149,7 @@ class StepPlanner:
             self.tracker.retain(live)
         if len(self.acceptance) > len(live):
             self.acceptance.retain(live)
-        if self.copier is not None:
-            self.copier.retain(live)
+        self.copies.retain(live)
         self.stats.tracked_requests = len(self.tracker)
 
     # ------------------------------------------------------------------ planning
@@ -137,9 +161,11 @@ class StepPlanner:
             return None
         started = self.clock()
         cost = self._step_cost(len(rows))
-        self._update_copier(step, rows)
+        self.copies.update(step, rows)
         may_draft = [i for i in rows if step.max_draft[i] > 0]  # room left to draft
-        copied, copy_source = self._copies(step, may_draft, cost)
+        found, copy_source, probs = self.copies.find(step, may_draft)
+        copied = self._trim(step, cost, found, copy_source, probs)
+        copy_source = {i: copy_source[i] for i in copied}
         candidates = ([i for i in may_draft if i not in copied]
                       if self.options.max_model_draft_tokens else [])
         model_rows = self._model_rows(step, cost, candidates, copied, copy_source, len(rows))
@@ -147,13 +173,29 @@ class StepPlanner:
         # would otherwise make every occasional model draft pay for a DP run.
         self.tracker.record_verification(step.req_ids[i] for i in model_rows)
         search_rows = [i for i in model_rows if self.tracker.is_due(step.req_ids[i])]
-        return Plan(rows, copied, copy_source, model_rows, search_rows, cost, started)
+        return Plan(rows, copied, copy_source, probs, model_rows, search_rows, cost, started)
+
+    def choose_skip_sets(self, plan: Plan, step: StepInputs, search: SkipSearch
+                         ) -> torch.Tensor:
+        """[len(plan.search_rows), L] bool, rank 0's on every rank: each searched row's skip
+        set at the M chosen for it from the DP's table (`SkipCountPolicy`)."""
+        choices = self.skip_counts.choose(
+            search.final_cosine.cpu(), [i in step.seeded for i in plan.search_rows],
+            self.budget.draft_ratio, self.budget.model_draft_length, plan.cost)
+        plan.skip_choices = dict(zip(plan.search_rows, choices))
+        masks = search.skip_mask(torch.tensor([c.num_skip for c in choices],
+                                              device=search.final_cosine.device))
+        return self.broadcast(masks.cpu())
 
     def record_search(self, plan: Plan, step: StepInputs, masks: torch.Tensor,
                       seconds: float) -> None:
         """The DP chose `masks` [len(plan.search_rows), L] bool for plan.search_rows."""
-        changed = [self.tracker.update(step.req_ids[i], mask)
+        changed = [self.tracker.update(step.req_ids[i], mask, plan.skip_choices.get(i))
                    for i, mask in zip(plan.search_rows, masks)]
+        for i, mask in zip(plan.search_rows, masks):
+            choice = plan.skip_choices.get(i)
+            self.dp_log.append({"m": int(mask.sum()), "layers": mask.nonzero()[:, 0].tolist(),
+                                "cosines": list(choice.cosines) if choice else []})
         self.stats.record_search(masks, changed, seconds)
         self.budget.observe_search(len(plan.search_rows), seconds)
         plan.model_seconds += seconds
@@ -169,11 +211,14 @@ class StepPlanner:
         copied = plan.copied
         if made:
             lengths = [len(made[i]) for i in plan.model_rows]
+            for i in plan.model_rows:
+                self.skip_counts.drafted_with(self.tracker.choice(step.req_ids[i]))
             self.stats.record_drafts(self.skip_masks(plan, step), lengths, seconds)
             self.budget.observe_model(len(plan.rows), lengths, seconds)
             plan.model_seconds += seconds
             kept = self._trim(step, plan.cost, {**copied, **made},
-                              {**plan.copy_source, **dict.fromkeys(made, MODEL)})
+                              {**plan.copy_source, **dict.fromkeys(made, MODEL)},
+                              plan.copy_probs)
             copied = {i: kept[i] for i in copied if i in kept}
             made = {i: kept[i] for i in made if i in kept}
         plan.copied = copied  # what was kept: the caller hands q = a point mass for these
@@ -184,13 +229,7 @@ class StepPlanner:
         undrafted = sum(1 for i in plan.rows if not drafts[i])
         if undrafted:
             self.stats.record_undrafted(undrafted, whole_step=undrafted == len(plan.rows))
-        self._ledger = _Ledger(
-            batch_size=len(plan.rows), started=plan.started, model_seconds=plan.model_seconds,
-            verified_tokens=len(plan.rows) + sum(len(drafts[i]) for i in plan.rows),
-            drafted={step.req_ids[i]: (plan.copy_source[i] if i in copied else MODEL,
-                                       len(drafts[i]))
-                     for i in plan.rows if drafts[i]},
-        )
+        self._ledger = _Ledger.of(plan, step, drafts)
         return drafts
 
     # ------------------------------------------------------------------ the decisions
@@ -205,6 +244,12 @@ class StepPlanner:
             if i is not None and i < len(step.num_sampled) and step.num_sampled[i]:
                 accepted = step.num_sampled[i] - 1  # the last one is the bonus/correction
                 self.acceptance.observe(req_id, source, drafted, accepted)
+                if req_id in last.predicted:
+                    self.calibration.observe(source, last.predicted[req_id], accepted)
+                if source == MODEL:
+                    predicted = self.skip_counts.observe(self.tracker.choice(req_id),
+                                                         drafted, accepted)
+                    self.stats.record_model_acceptance(drafted, accepted, predicted)
         if step.has_prefill or num_rows != last.batch_size:
             return  # a prefill in the step, or a changed batch, would distort its time
         seconds = self.clock() - last.started
@@ -218,33 +263,6 @@ class StepPlanner:
         shared = self.broadcast(torch.tensor(
             [0.0, 0.0, 0.0] if cost is None else [1.0, *cost], dtype=torch.float64))
         return (float(shared[1]), float(shared[2])) if shared[0] else None
-
-    def _update_copier(self, step: StepInputs, rows: list[int]) -> None:
-        """Feed every decoding request's new tokens to the copy source (suffix trees keep
-        each prompt and the responses so far)."""
-        if self.copier is None or self.copier is self.seeded_copier:
-            return  # n-gram lookup keeps no state
-        prompt = step.num_prompt_tokens
-        for i in rows:
-            if i not in step.seeded:
-                self.copier.update(step.req_ids[i], step.token_ids[i, : step.num_tokens[i]],
-                                   int(prompt[i]))
-
-    def _copies(self, step: StepInputs, rows: list[int], cost: tuple[float, float] | None
-                ) -> tuple[dict[int, np.ndarray], dict[int, str]]:
-        """Copied drafts, each verified as far as its source's measured acceptance pays:
-        ({row: draft}, {row: source name})."""
-        if self.copier is None:
-            return {}, {}
-        found, source = {}, {}
-        for i in rows:
-            copier = self.seeded_copier if i in step.seeded else self.copier
-            draft = copier.draft(step.req_ids[i], step.token_ids[i, : step.num_tokens[i]],
-                                 int(step.max_draft[i])).tokens
-            if len(draft):
-                found[i], source[i] = draft, copier.name
-        kept = self._trim(step, cost, found, source)
-        return kept, {i: source[i] for i in kept}
 
     def _model_rows(self, step: StepInputs, cost, candidates: list[int],
                     copied: dict[int, np.ndarray], copy_source: dict[int, str],
@@ -270,15 +288,19 @@ class StepPlanner:
         return sorted(seeded + [i for i, keep in zip(free, chosen) if keep])
 
     def _trim(self, step: StepInputs, cost, candidates: dict[int, np.ndarray],
-              sources: dict[int, str]) -> dict[int, np.ndarray]:
+              sources: dict[int, str], probs: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
         """The prefix of each row's draft worth verifying (seeded rows: all of it); rows left
-        with none are dropped. Keeps the order of `candidates`."""
+        with none are dropped. Keeps the order of `candidates`. A draft whose source gave
+        token probabilities (suffix trees) is valued by them (calibrated per source), others
+        by their source's measured acceptance rate."""
         order = [i for i, draft in candidates.items() if len(draft) and i not in step.seeded]
         lengths = {i: len(draft) for i, draft in candidates.items()}
         if cost is not None and order:
             chosen = self.budget.lengths(
                 cost, [lengths[i] for i in order],
-                [self.acceptance.rate(step.req_ids[i], sources[i]) for i in order])
+                [self.acceptance.rate(step.req_ids[i], sources[i]) for i in order],
+                [self.calibration.gains(sources[i], probs[i][: lengths[i]])
+                 if i in probs and sources[i] != MODEL else None for i in order])
             chosen = self.broadcast(torch.tensor(chosen, dtype=torch.long)).tolist()
             self.stats.record_unverified(sum(lengths[i] for i in order) - sum(chosen))
             lengths.update(zip(order, chosen))

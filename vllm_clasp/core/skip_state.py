@@ -13,11 +13,14 @@ from typing import Iterable
 
 import torch
 
+from vllm_clasp.core.skip_count import SkipCountChoice
+
 
 @dataclass
 class RequestSkipSet:
     skip_mask: torch.Tensor  # [num_layers] bool, True = layer skipped by the draft
     steps_since_search: int = 0
+    choice: SkipCountChoice | None = None  # how M was chosen ("auto"), None: a fixed M
 
 
 class SkipSetTracker:
@@ -44,10 +47,15 @@ class SkipSetTracker:
     def skip_mask(self, req_id: str) -> torch.Tensor:  # [num_layers] bool
         return self._states[req_id].skip_mask
 
-    def update(self, req_id: str, skip_mask: torch.Tensor) -> int | None:
+    def choice(self, req_id: str) -> SkipCountChoice | None:
+        state = self._states.get(req_id)
+        return None if state is None else state.choice
+
+    def update(self, req_id: str, skip_mask: torch.Tensor,
+               choice: SkipCountChoice | None = None) -> int | None:
         """Store a new skip set; returns how many layers changed (None for a first set)."""
         old = self._states.get(req_id)
-        self._states[req_id] = RequestSkipSet(skip_mask.clone())
+        self._states[req_id] = RequestSkipSet(skip_mask.clone(), choice=choice)
         if old is None:
             return None
         changed = int((old.skip_mask != skip_mask).sum())

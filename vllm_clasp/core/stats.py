@@ -37,6 +37,12 @@ class ClaspStats:
     draft_time_s: float = 0.0
     planning_time_s: float = 0.0
     """The proposer's own bookkeeping (planning, copy sources, q), DP and drafting excluded."""
+    num_model_draft_accepted_tokens: int = 0
+    """Model-draft tokens accepted by verification."""
+    model_draft_predicted_accepted: float = 0.0
+    """Accepted tokens the choice of M predicted for its drafts ("auto" only)."""
+    num_model_draft_predicted_accepted_of: int = 0
+    """Accepted tokens of those same drafts: compare with the prediction."""
     num_threshold_exits: int = 0
     """Draft steps whose top-1 probability fell under the draft-exit threshold."""
     num_copy_draft_rounds: int = 0
@@ -92,6 +98,12 @@ class ClaspStats:
         self.draft_time_s += seconds
         self.skipped_layers.update(skip.sum(dim=1).tolist())
 
+    def record_model_acceptance(self, drafted: int, accepted: int, predicted: float) -> None:
+        self.num_model_draft_accepted_tokens += accepted
+        if predicted == predicted:  # not NaN: M was chosen with a prediction
+            self.model_draft_predicted_accepted += predicted
+            self.num_model_draft_predicted_accepted_of += accepted
+
     def record_planning(self, seconds: float) -> None:
         self.planning_time_s += seconds
 
@@ -115,6 +127,9 @@ class ClaspStats:
             "draft_time_s": self.draft_time_s,
             "planning_time_s": self.planning_time_s,
             "num_threshold_exits": self.num_threshold_exits,
+            "num_model_draft_accepted_tokens": self.num_model_draft_accepted_tokens,
+            "model_draft_predicted_accepted": self.model_draft_predicted_accepted,
+            "num_model_draft_predicted_accepted_of": self.num_model_draft_predicted_accepted_of,
             "num_copy_draft_rounds": self.num_copy_draft_rounds,
             "num_copy_draft_tokens": self.num_copy_draft_tokens,
             "num_speculation_off_steps": self.num_speculation_off_steps,

@@ -111,6 +111,18 @@ def _run_demo(args: argparse.Namespace) -> int:
     return demo.run_cli(args)
 
 
+def _add_layers_arguments(parser: argparse.ArgumentParser) -> None:
+    from vllm_clasp.tools import layers
+
+    layers.add_arguments(parser)
+
+
+def _run_layers(args: argparse.Namespace) -> int:
+    from vllm_clasp.tools import layers
+
+    return layers.run_cli(args)
+
+
 # --------------------------------------------------------------------------- registry
 
 #: Subcommand name -> Subcommand.
@@ -146,6 +158,18 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         ),
         add_arguments=_add_bench_arguments,
         run=_run_bench,
+    ),
+    "layers": Subcommand(
+        help="which layers CLaSp's DP skips per task group, and how M is chosen (JSON + PNG)",
+        description=(
+            "Runs a CLaSp engine (layer-skip drafts on every step) over Spec-Bench prompts "
+            "group by group and reports, per group, the share of DP runs that skip each "
+            "decoder layer (a heatmap), the DP's fit for each number of skipped layers M with "
+            "the M chosen most, and measured acceptance per M. --from-metrics URL renders the "
+            "heatmap from a live server's /metrics instead."
+        ),
+        add_arguments=_add_layers_arguments,
+        run=_run_layers,
     ),
 }
 

@@ -1,6 +1,7 @@
 """`vllm-clasp demo`: offline generation with CLaSp on the default model, compared with plain.
 
-A small `vllm-clasp bench` run (plain, clasp and vLLM's own ngram; batch size 1, greedy): one
+A small `vllm-clasp bench` run (plain, clasp and vLLM's own suffix and ngram methods; batch
+size 1, greedy, fresh engines warmed up on prompts that are not measured): one
 prompt per Spec-Bench group when the questions file is there, else six built-in chat prompts.
 The screen shows one progress bar per phase, a couple of CLaSp's answers and a short table
 (tokens/s, speedup over plain, mean acceptance length, outputs identical to plain's); vLLM's
@@ -50,9 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="answers to print (default 2)")
     parser.add_argument("--no-iomp", action="store_true",
                         help="do not preload Intel OpenMP (libiomp5) on CPU")
-    parser.add_argument("--others", default="ngram", metavar="METHODS",
+    parser.add_argument("--others", default="suffix,ngram", metavar="METHODS",
                         help="other speculative methods to compare, as `vllm-clasp bench "
-                             "--methods` names them (default ngram; '' for none)")
+                             "--methods` names them (default suffix,ngram; '' for none)")
     parser.add_argument("--verbose", action="store_true",
                         help="show vLLM's own logs on the terminal (default: a log file)")
 
@@ -101,6 +102,8 @@ def summary(result: dict, show: int = 2) -> str:
         lines += [f"### [{q['group']}] {question}", r["text"].strip(), ""]
     for err in result["errors"]:
         lines.append(f"ERROR {err['method']} ({err['stage']}): {err['error']}")
+    for name, why in result.get("skipped_methods", {}).items():
+        lines.append(f"{name}: skipped: {why}")
     rows = [(name, find_row(result["summary"], 1, "overall", name))
             for name in dict.fromkeys(r["method"] for r in result["records"])]
     rows = [(name, row) for name, row in rows if row is not None]

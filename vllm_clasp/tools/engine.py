@@ -125,8 +125,11 @@ def engine_info(llm) -> dict:
             info.update({f"clasp_{k}": v for k, v in dataclasses.asdict(options).items()})
             try:
                 hf = llm.llm_engine.vllm_config.model_config.hf_config
-                resolved = options.resolve(hf.num_hidden_layers, hf.vocab_size)
-                info["num_skip"] = resolved.num_skip
+                resolved = options.resolve(hf.num_hidden_layers, hf.vocab_size,
+                                           spec.num_speculative_tokens)
+                info["num_skip"] = ("auto %d-%d" % resolved.skip_range if resolved.auto_skip
+                                    else resolved.num_skip)
+                info["copy_source"] = resolved.copy_source
                 info["num_layers"] = resolved.num_layers
             except Exception as e:  # informational only
                 info["resolve_error"] = str(e)

@@ -43,7 +43,7 @@ class ClaspSpeculativeConfig(SpeculativeConfig):
     # (tests/unit/test_spec_config.py checks). SkipValidation: pydantic's lax coercion would
     # turn `true` into 1 and "12" into 12 before ClaspOptions sees them; ClaspOptions validates
     # each knob and names key and allowed range.
-    clasp_skip_layers: SkipValidation[int | None] = None
+    clasp_skip_layers: SkipValidation[int | str | None] = None
     clasp_skip_ratio: SkipValidation[float | None] = None
     clasp_loi: SkipValidation[int | None] = None
     clasp_draft_exit_threshold: SkipValidation[float | None] = None

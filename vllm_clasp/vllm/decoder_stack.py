@@ -116,6 +116,11 @@ class DecoderStack:
     def num_layers(self) -> int:
         return len(self.layers)
 
+    def layer_weights(self) -> list[float]:
+        """[L] each decoder layer's weight count on this rank: what a memory-bound pass
+        reads, the cost model of the choice of M."""
+        return [float(sum(p.numel() for p in layer.parameters())) for layer in self.layers]
+
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:  # [n] -> [n, d]
         return self.inner.embed_input_ids(token_ids)
 

@@ -39,6 +39,7 @@ class ClaspProposer:
         self.options = spec.clasp_options()
         self.max_model_len = vllm_config.model_config.max_model_len
         self.vocab_size = vllm_config.model_config.get_vocab_size()
+        self._hidden_size = vllm_config.model_config.get_hidden_size()
         self.tp_size = vllm_config.parallel_config.tensor_parallel_size
         self.device: torch.device | None = None  # the runner's, set by bind() at start-up
         self.stats = ClaspStats()
@@ -58,7 +59,9 @@ class ClaspProposer:
             resolved.draft_vocab_size
         ):
             draft_vocab = resolved.draft_vocab_size
-        self.planner = StepPlanner(resolved, self.stats, broadcast=self._broadcast)
+        self.planner = StepPlanner(resolved, self.stats, broadcast=self._broadcast,
+                                   layer_costs=stack.layer_weights(),
+                                   head_cost=draft_vocab * self._hidden_size / self.tp_size)
         self.max_model_draft = resolved.max_model_draft_tokens
         self.forward = SkipForward(stack, self.vllm_config, resolved,
                                    max(self.max_model_draft, 1), broadcast=self._broadcast)
@@ -66,10 +69,11 @@ class ClaspProposer:
             logger.warning("CLaSp: arctic-inference is not installed, so drafts are copied with "
                            "n-gram lookup instead of suffix trees (%s)", SUFFIX_INSTALL_HINT)
         logger.info(
-            "CLaSp: drafting with the target's own %d layers, skipping %d per request "
+            "CLaSp: drafting with the target's own %d layers, skipping %s per request "
             "(never skipped: %s), up to %d model-draft tokens, copies from %s, K=%d, LOI=%d, "
             "draft-exit threshold %.2f, draft vocab %s",
-            stack.num_layers, resolved.num_skip,
+            stack.num_layers,
+            ("%d-%d (auto)" % resolved.skip_range) if resolved.auto_skip else resolved.num_skip,
             [i for i, never in enumerate(resolved.never_skip) if never],
             resolved.max_model_draft_tokens, resolved.copy_source,
             self.num_speculative_tokens, resolved.loi, resolved.draft_exit_threshold,
@@ -119,7 +123,8 @@ class ClaspProposer:
         if plan.model_rows:
             if plan.search_rows:
                 started = time.perf_counter()
-                masks = self.forward.search(plan.search_rows, step.token_ids, step.num_tokens)
+                search = self.forward.search(plan.search_rows, step.token_ids, step.num_tokens)
+                masks = self.planner.choose_skip_sets(plan, step, search)
                 self.planner.record_search(plan, step, masks, time.perf_counter() - started)
             made, probs, seconds = self._model_drafts(runner, plan, step)
         drafts = self.planner.finish(plan, step, made, seconds)

@@ -8,8 +8,8 @@ set: per draft step each layer runs once on the rows that keep it, writing their
 lookahead slots the scheduler reserved (the next verification overwrites them); a row stops
 when its draft's top-1 probability falls under the draft-exit threshold (paper §3.3).
 
-Under tensor parallelism the chosen masks and each draft step's tokens are broadcast from
-rank 0, so every rank runs identical layer calls.
+Under tensor parallelism the chosen masks (`StepPlanner.choose_skip_sets`) and each draft
+step's tokens are broadcast from rank 0, so every rank runs identical layer calls.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from vllm_clasp.core.draft_sampling import sample_draft_tokens
-from vllm_clasp.core.optimizer import search_skip_sets
+from vllm_clasp.core.optimizer import SkipSearch, search_skip_sets
 from vllm_clasp.core.options import ResolvedClaspOptions
 from vllm_clasp.core.stats import ClaspStats
 from vllm_clasp.vllm.decoder_stack import DecoderStack
@@ -50,8 +50,9 @@ class SkipForward:
         batch_rows: list[int],  # [B] input-batch rows due for a DP run
         token_ids: np.ndarray,  # [n, >= max(num_tokens)] the batch's tokens
         num_tokens: np.ndarray,  # [n] tokens so far per row
-    ) -> torch.Tensor:  # [B, L] bool skip masks, rank 0's on every rank
-        """Skip masks from each row's last accepted token's trajectory."""
+    ) -> SkipSearch:
+        """The DP over each row's last accepted token's trajectory, for every M in the
+        configured range (rank-local: the caller chooses M and broadcasts the masks)."""
         stack, paged = self.stack, self.paged
         last = num_tokens[batch_rows] - 2  # position of the last accepted (cached) token
         positions = torch.from_numpy(last.astype(np.int64))  # [B]
@@ -69,12 +70,11 @@ class SkipForward:
         # Only h_0 is given: each layer's call also carries the B trajectory rows, so the
         # full-model trajectory and the candidates share one call per layer.
         embeddings = stack.embed(tokens.to(paged.device))  # [B, d]
-        search = search_skip_sets(
-            embeddings.unsqueeze(0), run, max_skip=self.options.num_skip,
+        lo, hi = self.options.skip_range
+        return search_skip_sets(
+            embeddings.unsqueeze(0), run, max_skip=hi, min_skip=lo,
             never_skip=self.never_skip, num_layers=stack.num_layers,
         )
-        masks = search.skip_mask(self.options.num_skip).cpu()  # [B, L]
-        return self.broadcast(masks)
 
     # ------------------------------------------------------------------ drafting
     def draft(
