@@ -12,6 +12,7 @@ from vllm_clasp.core.draft_budget import (
     MIN_STEPS,
     AcceptanceRates,
     DraftBudget,
+    MODEL_DRAFT_MARGIN,
     StepCostFit,
     choose_lengths,
     choose_rows,
@@ -118,23 +119,33 @@ def test_budget_explores_and_switches_off():
     assert off.start_step(1) is None and off.fits == {}
 
 
-def test_exploration_backs_off_while_model_drafts_stay_off():
-    """Fitted decisions that never draft with the model double the exploration interval
-    (4, 8, 16, ...); one that drafts brings it back to every 4th step."""
+def test_model_exploration_backs_off_while_model_drafts_stay_off():
+    """Every 4th step still verifies every copy; fitted decisions that never draft with the
+    model double the interval of model explorations on those steps (4, 8, 16, ...), and
+    one that drafts brings it back to every 4th step."""
     budget = DraftBudget(explore_every=4)
     budget.start_step(1)
     for i in range(20):
         budget.observe(1, 1 + i % 5, 0.05 + 0.001 * (1 + i % 5))
-    explored = []
-    for step in range(2, 80):
-        cost = budget.start_step(1)
-        if cost is None:
-            explored.append(step)
-        else:
-            assert budget.model_rows(cost, [0.01], expected=1.0, seconds=0.05) == [False]
+
+    def run(steps, gain):
+        verified_all, explored = [], []
+        for step in steps:
+            cost = budget.start_step(1)
+            drafted = budget.model_rows(cost, [gain], expected=1.0, seconds=0.05)
+            if cost is None:
+                verified_all.append(step)
+                if drafted[0]:
+                    explored.append(step)
+            else:
+                assert drafted == [gain > 1]
+        return verified_all, explored
+
+    verified_all, explored = run(range(2, 81), gain=0.01)
+    assert verified_all == list(range(4, 81, 4))
     assert explored == [4, 12, 28, 60]  # intervals 8, 16, 32 after 4
-    budget.model_rows(budget.start_step(1), [50.0], expected=1.0, seconds=0.05)  # drafts
-    explored = [s for s in range(81, 200) if budget.start_step(1) is None]
+    run([81], gain=50.0)  # a fitted decision drafts
+    _, explored = run(range(82, 200), gain=0.01)
     assert explored[:2] == [124, 128], explored  # 64 after 60, then back to 4
 
 
@@ -186,9 +197,11 @@ def test_model_rows_from_the_measured_draft_ratio():
     gains, expected, seconds = [1.8, 0.2], 8.0, 0.13
     assert budget.model_rows(cost, gains, expected, seconds) == choose_rows(
         gains, pass_cost=2 * 0.5 * 0.05, row_cost=2 * 1.5 * 0.01 + 0.16 / 16,
-        expected=expected, seconds=seconds)
-    # No fit (or exploring): the most promising request alone; adaptivity off: everyone.
-    assert budget.model_rows(None, [0.2, 0.9, 0.5], 1.0, 1.0) == [False, True, False]
+        expected=expected, seconds=seconds, margin=MODEL_DRAFT_MARGIN)
+    # An exploration step with a fit: a model exploration only when it is due.
+    assert budget.model_rows(None, [0.2, 0.9, 0.5], 1.0, 1.0) == [False] * 3
+    # No fit yet: the most promising request alone; adaptivity off: everyone.
+    assert DraftBudget().model_rows(None, [0.2, 0.9, 0.5], 1.0, 1.0) == [False, True, False]
     assert DraftBudget(enabled=False).model_rows(None, [0.2, 0.9], 1, 1) == [True, True]
 
 
@@ -223,6 +236,7 @@ def test_model_drafts_need_the_margin():
     assert choose_rows([0.02], 0.0, 0.0, expected=1.0, seconds=1.0) == [True]
     assert choose_rows([0.02], 0.0, 0.0, expected=1.0, seconds=1.0, margin=1.03) == [False]
     assert choose_rows([0.05], 0.0, 0.0, expected=1.0, seconds=1.0, margin=1.03) == [True]
+    assert MODEL_DRAFT_MARGIN == 1.10
 
 
 def test_probability_calibration():
