@@ -20,9 +20,10 @@ from vllm_clasp.core.draft_budget import (
 )
 
 
-def tokens_per_second(lengths, rates, fixed, per_token) -> float:
+def tokens_per_second(lengths, rates, fixed, per_token, overhead=0.0) -> float:
     expected = sum(1 + sum(rate ** i for i in range(1, k + 1)) for k, rate in zip(lengths, rates))
-    return expected / (fixed + per_token * sum(1 + k for k in lengths))
+    return expected / (fixed + per_token * sum(1 + k for k in lengths)
+                       + (overhead if any(lengths) else 0.0))
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -33,13 +34,15 @@ def test_choice_maximises_expected_tokens_per_second(seed):
     rates = [rng.uniform(0.05, 0.95) for _ in range(n)]
     fixed = rng.uniform(0.005, 0.1)
     per_token = fixed * rng.choice([0.0, 0.01, 0.1, 0.3, 1.0, 3.0])
-    chosen = choose_lengths(candidates, rates, fixed, per_token)
+    overhead = fixed * rng.choice([0.0, 0.0, 0.05, 0.2, 1.0])
+    chosen = choose_lengths(candidates, rates, fixed, per_token, overhead=overhead)
     assert all(0 <= k <= c for k, c in zip(chosen, candidates))
     best = max(
-        tokens_per_second(lengths, rates, fixed, per_token)
+        tokens_per_second(lengths, rates, fixed, per_token, overhead)
         for lengths in itertools.product(*(range(c + 1) for c in candidates))
     )
-    assert tokens_per_second(chosen, rates, fixed, per_token) == pytest.approx(best, rel=1e-12)
+    assert tokens_per_second(chosen, rates, fixed, per_token, overhead) == pytest.approx(
+        best, rel=1e-12)
 
 
 def test_free_verification_keeps_every_candidate():
@@ -63,9 +66,30 @@ def test_fit_recovers_a_line_and_waits_for_spread():
     for _ in range(200):
         n = rng.randint(1, 40)
         fit.observe(n, 0.02 + 0.003 * n + rng.gauss(0, 0.001))
-    fixed, per_token = fit.estimate()
+    fixed, per_token, overhead = fit.estimate()
     assert fixed == pytest.approx(0.02, abs=0.002)
     assert per_token == pytest.approx(0.003, rel=0.05)
+    assert overhead == pytest.approx(0.0, abs=0.002)
+
+
+def test_fit_separates_the_speculative_paths_jump_from_the_per_token_cost():
+    """Steps that verify drafts pay 5 ms once, and 0.2 ms per token: a line through all
+    steps would call the jump a per-token cost."""
+    rng = random.Random(1)
+    fit = StepCostFit()
+    for _ in range(300):
+        drafts = rng.choice([0, 0, 1, 2, 3, 6, 12])
+        seconds = 0.03 + (0.005 if drafts else 0.0) + 0.0002 * (1 + drafts)
+        fit.observe(1 + drafts, seconds + rng.gauss(0, 0.0003), drafted=drafts > 0)
+    fixed, per_token, overhead = fit.estimate()
+    assert overhead == pytest.approx(0.005, rel=0.1)
+    assert per_token == pytest.approx(0.0002, abs=0.0001)
+    assert fixed == pytest.approx(0.0302, rel=0.02)
+    # Hence: any draft is verified in full, or none (a 1-token draft accepted at 0.1 does
+    # not pay for the jump; a long likely one does).
+    cost = (fixed, per_token, overhead)
+    assert choose_lengths([1], [0.1], *cost[:2], overhead=overhead) == [0]
+    assert choose_lengths([8], [0.9], *cost[:2], overhead=overhead) == [8]
 
 
 def test_fit_follows_a_change():
@@ -185,7 +209,7 @@ def test_model_rows_from_the_measured_draft_ratio():
     for i in range(40):  # verification: 50 ms + 10 ms per token
         budget.observe(8, 8 + i % 9, 0.05 + 0.01 * (8 + i % 9))
     cost = budget.start_step(8)
-    assert cost == pytest.approx((0.05, 0.01), rel=1e-6)
+    assert cost == pytest.approx((0.05, 0.01, 0.0), rel=1e-6, abs=1e-9)
     # Drafts of 2 tokens for 4 requests took 2 x (50 ms + 4 x 10 ms) x 0.5: ratio 0.5.
     for _ in range(60):
         budget.observe_model(8, [2, 2, 2, 2], 0.5 * (2 * 0.05 + 0.01 * 8))

@@ -29,7 +29,9 @@ class FixedCost(DraftBudget):
 
     def __init__(self, cost, draft_ratio: float = 100.0):
         super().__init__(draft_ratio=draft_ratio)
-        self.cost, self.observed = cost, []
+        # (fixed, per token[, overhead of verifying any draft: 0 unless given])
+        self.cost = None if cost is None else (*cost, 0.0)[:3]
+        self.observed = []
 
     def start_step(self, batch_size: int):
         return self.cost
@@ -187,9 +189,9 @@ def test_model_drafts_go_to_requests_worth_their_cost():
         planner.acceptance.observe("a", MODEL, drafted=2, accepted=2)
         planner.acceptance.observe("b", MODEL, drafted=2, accepted=0)
     planner.budget.draft_ratio = 0.1  # a cheap draft: worth it for "a" alone
-    assert planner._model_rows(step_inputs, (0.05, 0.001), [0, 1], {}, {}, 2) == [0]
+    assert planner._model_rows(step_inputs, (0.05, 0.001, 0.0), [0, 1], {}, {}, 2) == [0]
     planner.budget.draft_ratio = 5.0  # drafting dearer than anything it could gain
-    assert planner._model_rows(step_inputs, (0.05, 0.001), [0, 1], {}, {}, 2) == []
+    assert planner._model_rows(step_inputs, (0.05, 0.001, 0.0), [0, 1], {}, {}, 2) == []
     # No fit yet, or exploring: one request (the most promising) drafts, to measure.
     assert planner._model_rows(step_inputs, None, [0, 1], {}, {}, 2) == [0]
 
@@ -240,7 +242,7 @@ def test_seeded_requests_draft_by_the_fixed_policy_whatever_the_costs():
     assert planner.plan(inputs(seeded={1})).model_rows == [1]
     planner.budget.draft_ratio = 5.0  # model drafts never pay for unseeded requests
     step_inputs = inputs(seeded={1})
-    assert planner._model_rows(step_inputs, (0.05, 0.001), [0, 1], {}, {}, 2) == [1]
+    assert planner._model_rows(step_inputs, (0.05, 0.001, 0.0), [0, 1], {}, {}, 2) == [1]
     assert planner._model_rows(step_inputs, None, [0, 1], {}, {}, 2) == [0, 1]
 
 

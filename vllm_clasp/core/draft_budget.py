@@ -34,6 +34,8 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Iterable, Sequence
 
+import numpy as np
+
 MODEL_DRAFT_MARGIN = 1.10
 """Model drafts must promise 10 % more tokens per second than not drafting: the requests a
 comparison picks are those whose acceptance estimate is luckiest (the winner's curse), and
@@ -62,34 +64,58 @@ def expected_accepted(rate: float, length: float) -> float:
 
 
 class StepCostFit:
-    """Exponentially weighted least squares of seconds on tokens verified."""
+    """Exponentially weighted least squares of a step's seconds on
+    `fixed + overhead * [any draft token verified] + per_token * tokens verified`.
+
+    The jump is vLLM's speculative path: a step that verifies any draft token runs the
+    rejection sampler and multi-token attention once. Measured on the reference CPU at batch
+    1 it is most of what verifying costs (suffix drafts of 1.7 tokens and trimmed ones of 1.4
+    cost the same per step), so a per-token slope alone mistook it for a per-token cost."""
 
     def __init__(self, forget: float = FORGET):
         self.forget = forget
         self.steps = 0
-        self._w = self._n = self._nn = self._t = self._nt = 0.0  # weighted sums
+        self._xtx = np.zeros((3, 3))  # weighted sums of x x^T, x = [1, drafted, tokens]
+        self._xty = np.zeros(3)
 
-    def observe(self, tokens: int, seconds: float) -> None:
-        f = self.forget
-        self._w = f * self._w + 1.0
-        self._n = f * self._n + tokens
-        self._nn = f * self._nn + tokens * tokens
-        self._t = f * self._t + seconds
-        self._nt = f * self._nt + tokens * seconds
+    def observe(self, tokens: int, seconds: float, drafted: bool | None = None) -> None:
+        """A step that verified `tokens` in `seconds`; `drafted`: whether any of them was a
+        draft token (None: unknown, taken as tokens > 1)."""
+        drafted = tokens > 1 if drafted is None else drafted
+        x = np.array([1.0, float(drafted), float(tokens)])
+        self._xtx = self.forget * self._xtx + np.outer(x, x)
+        self._xty = self.forget * self._xty + x * seconds
         self.steps += 1
 
-    def estimate(self) -> tuple[float, float] | None:
-        """(fixed seconds, seconds per token), or None before MIN_STEPS steps or while the
-        steps seen all verified (nearly) the same number of tokens."""
+    def estimate(self) -> tuple[float, float, float] | None:
+        """(fixed seconds, seconds per token, seconds of the speculative path when any draft
+        token is verified), or None before MIN_STEPS steps or while the token counts do not
+        vary enough to see a slope."""
         if self.steps < MIN_STEPS:
             return None
-        mean_n, mean_t = self._n / self._w, self._t / self._w
-        var_n = self._nn / self._w - mean_n * mean_n
-        if var_n < 0.25:  # token counts spread by less than ~0.5: the slope is noise
+        weight, with_drafts = self._xtx[0, 0], self._xtx[1, 1]
+        if min(with_drafts, weight - with_drafts) >= 2.0:  # both kinds of step seen
+            beta = self._solve([0, 1, 2])
+            if beta is not None and beta[2] < 0:
+                beta = self._solve([0, 1])
+            if beta is not None and beta[1] >= 0:
+                return max(beta[0], 0.0), max(beta[2], 0.0), beta[1]
+        mean_n = self._xtx[0, 2] / weight
+        if self._xtx[2, 2] / weight - mean_n * mean_n < 0.25:  # spread < ~0.5: noise
             return None
-        per_token = max((self._nt / self._w - mean_n * mean_t) / var_n, 0.0)
-        fixed = max(mean_t - per_token * mean_n, 0.0)
-        return fixed, per_token
+        beta = self._solve([0, 2])
+        return max(beta[0], 0.0), max(beta[2], 0.0), 0.0
+
+    def _solve(self, columns: list[int]) -> np.ndarray | None:
+        """Least squares on the given features; [3] coefficients (0 for the others)."""
+        a = self._xtx[np.ix_(columns, columns)] + 1e-12 * np.eye(len(columns))
+        try:
+            solved = np.linalg.solve(a, self._xty[columns])
+        except np.linalg.LinAlgError:
+            return None
+        beta = np.zeros(3)
+        beta[columns] = solved
+        return beta
 
 
 class ProbabilityCalibration:
@@ -171,17 +197,20 @@ def choose_lengths(
     fixed: float,
     per_token: float,
     token_gains: Sequence[Sequence[float] | None] | None = None,
+    overhead: float = 0.0,
 ) -> list[int]:
     """Per request, how many of its candidate tokens to verify (a prefix of each draft).
 
     token_gains[r] (optional, non-increasing): the probability that row r's draft is
     accepted up to each position, replacing rate ** position (e.g. from a suffix tree's
-    token probabilities)."""
-    if per_token <= 0:
+    token probabilities). overhead: seconds a step pays once when it verifies any draft
+    token (vLLM's speculative path); the best choice with drafts is compared with none."""
+    if per_token <= 0 and overhead <= 0:
         return list(candidates)
     lengths = [0] * len(candidates)
     expected = float(len(candidates))  # each request's verified token (or bonus) is certain
-    seconds = fixed + per_token * len(candidates)
+    plain = expected / (fixed + per_token * len(candidates))
+    seconds = fixed + per_token * len(candidates) + overhead  # as if any draft is verified
     token_gains = token_gains or [None] * len(candidates)
     gains = sorted(
         ((rate ** position if given is None else given[position - 1], row)
@@ -195,6 +224,8 @@ def choose_lengths(
         lengths[row] += 1
         expected += gain
         seconds += per_token
+    if overhead > 0 and expected / seconds <= plain:
+        return [0] * len(candidates)  # the drafts do not pay for the speculative path
     return lengths
 
 
@@ -253,7 +284,7 @@ class DraftBudget:
     def observe(self, batch_size: int, tokens_verified: int, seconds: float) -> None:
         if self.enabled and seconds > 0:
             self.fits.setdefault(batch_bucket(batch_size), StepCostFit()).observe(
-                tokens_verified, seconds)
+                tokens_verified, seconds, drafted=tokens_verified > batch_size)
 
     def observe_model(self, batch_size: int, lengths: Sequence[int], seconds: float) -> None:
         """A step of `batch_size` requests drafted with the model (`lengths` per drafting
@@ -264,7 +295,7 @@ class DraftBudget:
         fit = self.fits.get(batch_bucket(batch_size))
         cost = None if fit is None else fit.estimate()
         if cost is not None:
-            fixed, per_token = cost
+            fixed, per_token, _ = cost
             predicted = max(lengths) * fixed + per_token * sum(lengths)
             if predicted > 0:
                 self.draft_ratio += 0.2 * (seconds / predicted - self.draft_ratio)
@@ -276,7 +307,7 @@ class DraftBudget:
                                        self.search_row_seconds
                                        + 0.2 * (per_row - self.search_row_seconds))
 
-    def start_step(self, batch_size: int) -> tuple[float, float] | None:
+    def start_step(self, batch_size: int) -> tuple[float, float, float] | None:
         """The cost fit to decide this step with; None: verify every candidate, and draft with
         the model for one request only (an exploration step, or no fit yet)."""
         if not self.enabled:
@@ -302,16 +333,20 @@ class DraftBudget:
         self._drafted[bucket] = False
         return True
 
-    def lengths(self, cost: tuple[float, float] | None, candidates: Sequence[int],
+    def lengths(self, cost: tuple[float, float, float] | None, candidates: Sequence[int],
                 rates: Sequence[float],
                 token_gains: Sequence[Sequence[float] | None] | None = None) -> list[int]:
-        return (list(candidates) if cost is None
-                else choose_lengths(candidates, rates, *cost, token_gains=token_gains))
+        if cost is None:
+            return list(candidates)
+        fixed, per_token, overhead = cost
+        return choose_lengths(candidates, rates, fixed, per_token, token_gains=token_gains,
+                              overhead=overhead)
 
-    def model_rows(self, cost: tuple[float, float] | None, gains: Sequence[float],
-                   expected: float, seconds: float) -> list[bool]:
+    def model_rows(self, cost: tuple[float, float, float] | None, gains: Sequence[float],
+                   expected: float, seconds: float, copies: bool = False) -> list[bool]:
         """Which candidate requests get model drafts (`gains`: their expected accepted
-        tokens; `expected`, `seconds`: the step so far)."""
+        tokens; `expected`, `seconds`: the step so far; `copies`: whether the step already
+        verifies copied drafts, i.e. already pays the speculative path's overhead)."""
         if not self.enabled:
             return [True] * len(gains)
         if cost is None:  # explore cheaply: the most promising request only
@@ -319,11 +354,11 @@ class DraftBudget:
                 return [False] * len(gains)
             best = max(range(len(gains)), key=lambda r: gains[r])
             return [r == best for r in range(len(gains))]
-        fixed, per_token = cost
+        fixed, per_token, overhead = cost
         length = self.model_draft_length
         chosen = choose_rows(
             gains,
-            pass_cost=length * self.draft_ratio * fixed,
+            pass_cost=length * self.draft_ratio * fixed + (0.0 if copies else overhead),
             row_cost=(length * (self.draft_ratio + 1) * per_token
                       + self.search_row_seconds / self.loi),
             expected=expected, seconds=seconds, margin=MODEL_DRAFT_MARGIN,

@@ -256,13 +256,14 @@ class StepPlanner:
         self.budget.observe(last.batch_size, last.verified_tokens,
                             max(seconds - last.model_seconds, 0.0))
 
-    def _step_cost(self, batch_size: int) -> tuple[float, float] | None:
-        """This step's verification cost model, rank 0's on every rank; None: verify every
-        candidate token (no fit yet, an exploration step, or adaptivity off)."""
+    def _step_cost(self, batch_size: int) -> tuple[float, float, float] | None:
+        """This step's verification cost model (fixed, per token, overhead of verifying any
+        draft), rank 0's on every rank; None: verify every candidate token (no fit yet, an
+        exploration step, or adaptivity off)."""
         cost = self.budget.start_step(batch_size)
         shared = self.broadcast(torch.tensor(
-            [0.0, 0.0, 0.0] if cost is None else [1.0, *cost], dtype=torch.float64))
-        return (float(shared[1]), float(shared[2])) if shared[0] else None
+            [0.0] * 4 if cost is None else [1.0, *cost], dtype=torch.float64))
+        return tuple(float(x) for x in shared[1:]) if shared[0] else None
 
     def _model_rows(self, step: StepInputs, cost, candidates: list[int],
                     copied: dict[int, np.ndarray], copy_source: dict[int, str],
@@ -278,12 +279,13 @@ class StepPlanner:
                  for i in free]
         expected = seconds = 1.0
         if cost is not None:
-            fixed, per_token = cost
+            fixed, per_token, overhead = cost
             expected = num_rows + sum(
                 expected_accepted(rate(step.req_ids[i], copy_source[i]), len(draft))
                 for i, draft in copied.items())
-            seconds = fixed + per_token * (num_rows + sum(len(d) for d in copied.values()))
-        chosen = self.budget.model_rows(cost, gains, expected, seconds)
+            seconds = (fixed + per_token * (num_rows + sum(len(d) for d in copied.values()))
+                       + (overhead if copied else 0.0))
+        chosen = self.budget.model_rows(cost, gains, expected, seconds, copies=bool(copied))
         chosen = self.broadcast(torch.tensor(chosen)).tolist()
         return sorted(seeded + [i for i, keep in zip(free, chosen) if keep])
 

@@ -89,7 +89,7 @@ class SkipCountChooser:
     def tokens_per_second(self, cosine: float, num_skip: int, ratio: float, length: float,
                           verify: tuple[float, float]) -> float:
         """E(M) / T(M) for one request's round (`verify`: (fixed, per-token) seconds)."""
-        fixed, per_token = verify
+        fixed, per_token = verify[:2]
         step = fixed + per_token
         seconds = fixed + per_token * (1 + length) + length * self.pass_cost(num_skip, ratio) * step
         return expected_tokens(self.rate(cosine), length) / seconds
