@@ -5,9 +5,9 @@ batch: a batch-1 step on a memory-bound device verifies 8 tokens for about the p
 while a large batch is compute-bound and pays for every token. So per batch-size bucket the
 verification step time is modelled as
 
-    seconds = fixed + per_token * tokens_verified
+    seconds = fixed + overhead * [any draft token verified] + per_token * tokens_verified
 
-fitted by exponentially weighted least squares over the steps seen (`StepCostFit`), and each
+(the overhead: vLLM's speculative path, paid once per step that verifies drafts) fitted by exponentially weighted least squares over the steps seen (`StepCostFit`), and each
 request's drafts of each source (prompt lookup, the layer-skipped model) are accepted at a
 measured rate alpha (`AcceptanceRates`): a draft's i-th token is accepted with probability
 alpha^i, the first rejection ending the draft. A step that verifies tokens worth E expected
