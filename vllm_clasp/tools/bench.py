@@ -361,11 +361,17 @@ def _build_engine(options, model, method, engines, errors, engine_meta) -> None:
                                 "worker": worker_info(llm)}
 
 
-def _warm_up(options, engines, prompts, errors, engine_meta) -> None:
+def _sampling_params(options: BenchOptions):
+    """The requests' sampling parameters. No per-request seed: a seeded request drafts by
+    CLaSp's fixed policy (docs/design.md, "Seeds"), which unseeded traffic does not; the
+    engines' own `seed=0` keeps sampled runs repeatable."""
     from vllm import SamplingParams
 
-    params = SamplingParams(temperature=options.temperature, max_tokens=options.max_tokens,
-                            seed=0)
+    return SamplingParams(temperature=options.temperature, max_tokens=options.max_tokens)
+
+
+def _warm_up(options, engines, prompts, errors, engine_meta) -> None:
+    params = _sampling_params(options)
     with _bar(options, len(engines), "warming up") as bar:
         for name, llm in list(engines.items()):
             bar.set_postfix_str(name)
@@ -384,10 +390,7 @@ def _measure(options, engines, questions, prompts, errors, bs: int
              ) -> tuple[list[dict], list[dict]]:
     """Every round and batch of `bs` consecutive prompts on every engine, in rotating order;
     records each prompt's output, marked identical to plain's or not (greedy)."""
-    from vllm import SamplingParams
-
-    params = SamplingParams(temperature=options.temperature, max_tokens=options.max_tokens,
-                            seed=0)
+    params = _sampling_params(options)
     n = len(prompts)
     records, calls = [], []
     rotation = 0
