@@ -366,6 +366,25 @@ def test_iomp_reexec_once_from_the_cli(monkeypatch):
     assert len(calls) == 1
 
 
+def test_no_intel_openmp_when_gnu_openmp_is_preloaded(monkeypatch):
+    """vLLM asserts that LD_PRELOAD does not hold both (OMPProcessManager): with libgomp
+    already preloaded (by the user, or by vLLM in a parent process that ran an engine) the
+    tools neither re-execute nor add libiomp5 for their engines."""
+    calls = []
+    monkeypatch.setattr(os, "execv", lambda exe, argv: calls.append((exe, argv)))
+    monkeypatch.setattr(cpu_env, "find_iomp", lambda: "/venv/lib/libiomp5.so")
+    monkeypatch.setattr(cpu_env, "_on_cpu", lambda: True)
+    monkeypatch.setattr(cpu_env.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(cpu_env.sys, "platform", "linux")
+    monkeypatch.setattr(cpu_env.sys, "argv", ["/venv/bin/vllm-clasp", "layers"])
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libgomp.so.1")
+    monkeypatch.delenv(cpu_env.IOMP_GUARD_ENV, raising=False)
+    cpu_env.maybe_reexec_with_iomp(True)
+    info = cpu_env.setup_iomp(True)
+    assert not calls and os.environ["LD_PRELOAD"] == "/usr/lib/libgomp.so.1"
+    assert info["in_ld_preload"] is False
+
+
 def test_memory_line_reports_extra_peak_vs_plain():
     from vllm_clasp.tools.report import _memory_lines
 

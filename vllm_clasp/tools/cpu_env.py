@@ -46,7 +46,13 @@ def _iomp_wanted(enabled: bool) -> str | None:
     if not enabled or not sys.platform.startswith("linux") or platform.machine() not in (
             "x86_64", "AMD64"):
         return None
-    if "libiomp" in os.environ.get("LD_PRELOAD", ""):
+    preload = os.environ.get("LD_PRELOAD", "")
+    if "libiomp" in preload:
+        return None
+    if "libgomp" in preload:
+        # GNU OpenMP is preloaded already (by the user, or by vLLM in a parent process that
+        # ran an engine): vLLM refuses both at once (OMPProcessManager asserts), so keep it.
+        logger.info("LD_PRELOAD already holds libgomp; not adding Intel OpenMP")
         return None
     path = find_iomp()
     return path if path and _on_cpu() else None
