@@ -226,6 +226,12 @@ def test_model_rows_from_the_measured_draft_ratio():
     assert budget.model_rows(None, [0.2, 0.9, 0.5], 1.0, 1.0) == [False] * 3
     # No fit yet: the most promising request alone; adaptivity off: everyone.
     assert DraftBudget().model_rows(None, [0.2, 0.9, 0.5], 1.0, 1.0) == [False, True, False]
+    # A bucket whose fit cannot estimate yet (too few steps) explores on every step, as one
+    # without a fit: a new server's first requests measure model drafts (and run the DP).
+    young = DraftBudget()
+    young.observe(1, 1, 0.03)
+    assert young.start_step(1) is None
+    assert young.model_rows(None, [0.2, 0.9], 1.0, 1.0) == [False, True]
     assert DraftBudget(enabled=False).model_rows(None, [0.2, 0.9], 1, 1) == [True, True]
 
 

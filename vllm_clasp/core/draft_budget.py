@@ -350,7 +350,9 @@ class DraftBudget:
         if not self.enabled:
             return [True] * len(gains)
         if cost is None:  # explore cheaply: the most promising request only
-            if self._bucket in self.fits and not self._model_exploration_due():
+            fit = self.fits.get(self._bucket)
+            fitted = fit is not None and fit.estimate() is not None
+            if fitted and not self._model_exploration_due():
                 return [False] * len(gains)
             best = max(range(len(gains)), key=lambda r: gains[r])
             return [r == best for r in range(len(gains))]
