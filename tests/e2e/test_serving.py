@@ -102,8 +102,8 @@ def test_clasp_metrics_and_log_line(clasp_server):
                   for name in ("model_draft", "copy_draft", "speculation_off"))
     assert decided >= 1, grew
     deadline = time.monotonic() + 25  # vLLM logs stats every 10 s
-    while "CLaSp: " not in clasp_server.log_tail(200_000) and time.monotonic() < deadline:
-        time.sleep(1)
+    while "DP runs" not in clasp_server.log_tail(200_000) and time.monotonic() < deadline:
+        time.sleep(1)  # not "CLaSp: ": the start-up line has it too
     assert "CLaSp: " in clasp_server.log_tail(200_000) and "DP runs" in clasp_server.log_tail(
         200_000), clasp_server.log_tail()
 
