@@ -342,14 +342,21 @@ def test_subcommands_registered():
     assert isinstance(options.methods, str)  # parsed by run_bench
 
 
-def test_iomp_reexec_once_from_the_cli(monkeypatch):
+def _linux_cpu_with_iomp(monkeypatch, command: str) -> list:
+    """A Linux x86 CPU machine whose venv ships libiomp5, running `vllm-clasp <command>`;
+    returns the list os.execv calls are recorded in."""
     calls = []
     monkeypatch.setattr(os, "execv", lambda exe, argv: calls.append((exe, argv)))
     monkeypatch.setattr(cpu_env, "find_iomp", lambda: "/venv/lib/libiomp5.so")
     monkeypatch.setattr(cpu_env, "_on_cpu", lambda: True)
     monkeypatch.setattr(cpu_env.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(cpu_env.sys, "platform", "linux")
-    monkeypatch.setattr(cpu_env.sys, "argv", ["/venv/bin/vllm-clasp", "bench"])
+    monkeypatch.setattr(cpu_env.sys, "argv", ["/venv/bin/vllm-clasp", command])
+    return calls
+
+
+def test_iomp_reexec_once_from_the_cli(monkeypatch):
+    calls = _linux_cpu_with_iomp(monkeypatch, "bench")
     monkeypatch.setattr(cpu_env.sys, "orig_argv", ["python", "/venv/bin/vllm-clasp", "bench"])
     monkeypatch.setenv("LD_PRELOAD", "/x/libfoo.so")
     monkeypatch.delenv(cpu_env.IOMP_GUARD_ENV, raising=False)
@@ -370,13 +377,7 @@ def test_no_intel_openmp_when_gnu_openmp_is_preloaded(monkeypatch):
     """vLLM asserts that LD_PRELOAD does not hold both (OMPProcessManager): with libgomp
     already preloaded (by the user, or by vLLM in a parent process that ran an engine) the
     tools neither re-execute nor add libiomp5 for their engines."""
-    calls = []
-    monkeypatch.setattr(os, "execv", lambda exe, argv: calls.append((exe, argv)))
-    monkeypatch.setattr(cpu_env, "find_iomp", lambda: "/venv/lib/libiomp5.so")
-    monkeypatch.setattr(cpu_env, "_on_cpu", lambda: True)
-    monkeypatch.setattr(cpu_env.platform, "machine", lambda: "x86_64")
-    monkeypatch.setattr(cpu_env.sys, "platform", "linux")
-    monkeypatch.setattr(cpu_env.sys, "argv", ["/venv/bin/vllm-clasp", "layers"])
+    calls = _linux_cpu_with_iomp(monkeypatch, "layers")
     monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libgomp.so.1")
     monkeypatch.delenv(cpu_env.IOMP_GUARD_ENV, raising=False)
     cpu_env.maybe_reexec_with_iomp(True)
