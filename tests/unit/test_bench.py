@@ -454,7 +454,7 @@ def test_recorded_config_leaves_the_console_out():
 
 
 def test_prompts_use_the_chat_template_or_the_text_for_a_base_model():
-    from vllm_clasp.tools.bench import _chat_prompts
+    from vllm_clasp.tools.bench import chat_prompts
     from vllm_clasp.tools.questions import Question
 
     class Tokenizer:
@@ -468,11 +468,11 @@ def test_prompts_use_the_chat_template_or_the_text_for_a_base_model():
 
     questions = [Question("1", "qa", "qa", "two words"), Question("2", "qa", "qa", "x " * 50)]
     base = Tokenizer()
-    kept, prompts, lengths = _chat_prompts(base, questions, max_model_len=10)
+    kept, prompts, lengths = chat_prompts(base, questions, max_model_len=10)
     assert prompts == ["two words"] and lengths == [3] and kept == questions[:1]
     chat = Tokenizer()
     chat.chat_template = "{{ messages }}"
-    _, prompts, _ = _chat_prompts(chat, questions[:1], max_model_len=10)
+    _, prompts, _ = chat_prompts(chat, questions[:1], max_model_len=10)
     assert prompts == ["<user>two words</user><assistant>"]
 
 

@@ -274,6 +274,7 @@ class DraftBudget:
         self._explored_at: dict[int, int] = {}  # bucket -> step of the last exploration
         self._drafted: dict[int, bool] = {}  # bucket -> a fitted decision drafted since then
         self._bucket = 1  # the current step's
+        self._fitted = False  # whether the current step's bucket has a fit that estimates
         self.draft_ratio = draft_ratio
         """EW of measured model-draft seconds over the verification fit's prediction."""
         self.search_row_seconds = 0.0
@@ -315,9 +316,11 @@ class DraftBudget:
         self._bucket = bucket = batch_bucket(batch_size)
         self._steps[bucket] = steps = self._steps.get(bucket, 0) + 1
         fit = self.fits.get(bucket)
-        if fit is None or steps % self.explore_every == 0:
+        estimate = None if fit is None else fit.estimate()
+        self._fitted = estimate is not None
+        if steps % self.explore_every == 0:
             return None
-        return fit.estimate()
+        return estimate
 
     def _model_exploration_due(self) -> bool:
         """On an exploration step with a fit: whether a model draft is explored too. The
@@ -350,9 +353,7 @@ class DraftBudget:
         if not self.enabled:
             return [True] * len(gains)
         if cost is None:  # explore cheaply: the most promising request only
-            fit = self.fits.get(self._bucket)
-            fitted = fit is not None and fit.estimate() is not None
-            if fitted and not self._model_exploration_due():
+            if self._fitted and not self._model_exploration_due():
                 return [False] * len(gains)
             best = max(range(len(gains)), key=lambda r: gains[r])
             return [r == best for r in range(len(gains))]

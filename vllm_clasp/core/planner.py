@@ -79,7 +79,7 @@ class Plan:
     copy_probs: dict[int, np.ndarray]  # row -> its source's probability per copied token
     model_rows: list[int]  # rows to draft with the layer-skipped model (ascending)
     search_rows: list[int]  # of model_rows: due for a DP run before drafting
-    cost: tuple[float, float] | None  # the verification fit decided with (None: verify all)
+    cost: tuple[float, float, float] | None  # (fixed, per token, overhead); None: verify all
     started: float = 0.0  # clock() when planning started
     model_seconds: float = 0.0  # DP + drafting time, added by record_search / finish
     skip_choices: dict[int, SkipCountChoice] = field(default_factory=dict)  # row -> M chosen
@@ -190,10 +190,10 @@ class StepPlanner:
     def record_search(self, plan: Plan, step: StepInputs, masks: torch.Tensor,
                       seconds: float) -> None:
         """The DP chose `masks` [len(plan.search_rows), L] bool for plan.search_rows."""
-        changed = [self.tracker.update(step.req_ids[i], mask, plan.skip_choices.get(i))
-                   for i, mask in zip(plan.search_rows, masks)]
+        changed = []
         for i, mask in zip(plan.search_rows, masks):
             choice = plan.skip_choices.get(i)
+            changed.append(self.tracker.update(step.req_ids[i], mask, choice))
             self.dp_log.append({"m": int(mask.sum()), "layers": mask.nonzero()[:, 0].tolist(),
                                 "cosines": list(choice.cosines) if choice else []})
         self.stats.record_search(masks, changed, seconds)

@@ -208,6 +208,7 @@ def _run_engines(options: BenchOptions, model: str, methods: list[Method],
     for name, why in skipped.items():
         logger.warning("method %s skipped: %s", name, why)
     methods = [m for m in methods if m.name not in skipped]
+    prompts: list[str] | None = None  # made once, with the first plain engine's tokenizer
     prompt_tokens: list[int] = []
     for bs in options.batch_sizes:
         engines = {}
@@ -215,13 +216,14 @@ def _run_engines(options: BenchOptions, model: str, methods: list[Method],
             _build_engines(options, model, methods, engines, errors, engine_meta, bs)
             if BASELINE not in engines:
                 raise RuntimeError(f"the plain engine failed to start: {errors[-1]['error']}")
-            tokenizer = engines[BASELINE].get_tokenizer()
-            questions, prompts, prompt_tokens = _chat_prompts(
-                tokenizer, questions, options.max_model_len)
-            machine["worker_torch_threads"] = (engine_meta[BASELINE].get("worker") or {}).get(
-                "torch_threads")
-            warmup = [_chat_prompt(tokenizer, WARMUP_PROMPTS[i % len(WARMUP_PROMPTS)])
-                      for i in range(options.warmup)]
+            if prompts is None:
+                tokenizer = engines[BASELINE].get_tokenizer()
+                questions, prompts, prompt_tokens = chat_prompts(
+                    tokenizer, questions, options.max_model_len)
+                warmup = [chat_prompt(tokenizer, WARMUP_PROMPTS[i % len(WARMUP_PROMPTS)])
+                          for i in range(options.warmup)]
+                machine["worker_torch_threads"] = (
+                    engine_meta[BASELINE].get("worker") or {}).get("torch_threads")
             _warm_up(options, engines, warmup, errors, engine_meta)
             measured = _measure(options, engines, questions, prompts, errors, bs)
             records += measured[0]
@@ -243,26 +245,23 @@ def _larger_peak(before: dict | None, now: dict | None) -> dict | None:
     return now if (now.get(peak) or 0) >= (before.get(peak) or 0) else before
 
 
-def _chat_prompt(tokenizer, text: str) -> str:
+def chat_prompt(tokenizer, text: str) -> str:
+    """`text` as the user's turn in the chat template; a base model without one: the text
+    itself, as a completion prompt."""
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template([{"role": "user", "content": text}],
                                              tokenize=False, add_generation_prompt=True)
     return text
 
 
-def _chat_prompts(tokenizer, questions: list[Question], max_model_len: int
-                  ) -> tuple[list[Question], list[str], list[int]]:
-    """Each question's first turn in the chat template (a base model without one: the text
-    itself, as a completion prompt), and its length in tokens; questions whose prompt does
-    not fit `max_model_len` are dropped (with a warning)."""
-    if getattr(tokenizer, "chat_template", None):
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q.text}],
-                                                 tokenize=False, add_generation_prompt=True)
-                   for q in questions]
-        special = False  # the template already holds the special tokens
-    else:
+def chat_prompts(tokenizer, questions: list[Question], max_model_len: int
+                 ) -> tuple[list[Question], list[str], list[int]]:
+    """Each question's first turn as a prompt (`chat_prompt`), and its length in tokens;
+    questions whose prompt does not fit `max_model_len` are dropped (with a warning)."""
+    prompts = [chat_prompt(tokenizer, q.text) for q in questions]
+    special = not getattr(tokenizer, "chat_template", None)  # a template holds them already
+    if special:
         logger.info("the model has no chat template: questions are completion prompts")
-        prompts, special = [q.text for q in questions], True
     prompt_tokens = [len(tokenizer(p, add_special_tokens=special)["input_ids"])
                      for p in prompts]
     keep = [i for i, n in enumerate(prompt_tokens) if n < max_model_len]

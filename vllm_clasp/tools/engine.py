@@ -55,7 +55,8 @@ def _read_memory(worker) -> dict:
     return out
 
 
-def _rpc(llm, fn):
+def rpc(llm, fn):
+    """`fn(worker)` on rank 0's worker (collective_rpc); None, with a warning, on failure."""
     try:
         return llm.collective_rpc(fn)[0]
     except Exception as e:  # e.g. VLLM_ALLOW_INSECURE_SERIALIZATION unset
@@ -65,17 +66,17 @@ def _rpc(llm, fn):
 
 def clasp_stats(llm) -> dict | None:
     """CLaSp's cumulative worker-side counters (None when the RPC fails)."""
-    return _rpc(llm, _read_clasp_stats)
+    return rpc(llm, _read_clasp_stats)
 
 
 def worker_info(llm) -> dict | None:
     """The worker's torch threads and OpenMP libraries (None when the RPC fails)."""
-    return _rpc(llm, _read_worker_info)
+    return rpc(llm, _read_worker_info)
 
 
 def memory_info(llm) -> dict | None:
     """The worker process's peak and current memory (None when the RPC fails)."""
-    return _rpc(llm, _read_memory)
+    return rpc(llm, _read_memory)
 
 
 # --------------------------------------------------------------------------- engine side

@@ -121,8 +121,8 @@ def collect(args: argparse.Namespace, console) -> dict:
     from tqdm import tqdm
     from vllm import LLM, SamplingParams
 
-    from vllm_clasp.tools.bench import BenchOptions, _chat_prompts
-    from vllm_clasp.tools.engine import _rpc, shutdown
+    from vllm_clasp.tools.bench import BenchOptions, chat_prompts
+    from vllm_clasp.tools.engine import rpc, shutdown
     from vllm_clasp.tools.model_prep import prepare_model
     from vllm_clasp.tools.questions import resolve_questions
 
@@ -141,14 +141,14 @@ def collect(args: argparse.Namespace, console) -> dict:
     try:
         hf = llm.llm_engine.vllm_config.model_config.hf_config.get_text_config()
         num_layers = hf.num_hidden_layers
-        questions, prompts, _ = _chat_prompts(llm.get_tokenizer(), questions, 2048)
+        questions, prompts, _ = chat_prompts(llm.get_tokenizer(), questions, 2048)
         params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
-        groups, read = {}, _rpc(llm, _read_dp_log) or {"acceptance_by_m": {}}
+        groups, read = {}, rpc(llm, _read_dp_log) or {"acceptance_by_m": {}}
         names = list(dict.fromkeys(q.group for q in questions))
         for group in tqdm(names, desc="groups", file=console or sys.stderr):
             mine = [p for q, p in zip(questions, prompts) if q.group == group]
             llm.generate(mine, params, use_tqdm=False)
-            before, read = read, _rpc(llm, _read_dp_log)
+            before, read = read, rpc(llm, _read_dp_log)
             groups[group] = summarize_group(
                 read["runs"], num_layers,
                 acceptance_delta(before["acceptance_by_m"], read["acceptance_by_m"]))
