@@ -9,6 +9,7 @@ checks that the same counts *reject* a wrong distribution, so it has power.
 from __future__ import annotations
 
 import pytest
+import numpy as np
 import torch
 
 from vllm_clasp.core.draft_sampling import SAMPLING_EPS, DraftSample, sample_draft_tokens
@@ -180,3 +181,19 @@ def test_generator_advances_between_draws():
         for _ in range(10)
     }
     assert len(draws) > 1
+
+
+def test_rejection_sampler_probs_model_and_copied_rows():
+    """q for vLLM's rejection sampler: model rows keep their draft distributions (zero past
+    the draft head's vocabulary), copied rows are point masses, other rows stay zero."""
+    from vllm_clasp.core.draft_sampling import rejection_sampler_probs
+
+    model_probs = torch.softmax(torch.randn(2, 3, 5), dim=-1)  # [R=2, k=3, V'=5]
+    q = rejection_sampler_probs(4, 7, [0, 2], model_probs, {3: np.array([6, 1])})
+    assert q.shape == (4, 3, 7)
+    torch.testing.assert_close(q[[0, 2], :, :5], model_probs)
+    assert q[[0, 2], :, 5:].abs().sum() == 0
+    assert q[1].abs().sum() == 0
+    assert q[3, 0, 6] == 1 and q[3, 1, 1] == 1 and q[3].sum() == 2
+    # No drafts at all still gives one position (vLLM indexes [n, >=1, V]).
+    assert rejection_sampler_probs(2, 7, [], None, {}).shape == (2, 1, 7)

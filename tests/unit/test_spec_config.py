@@ -162,6 +162,22 @@ def test_config_pickles(make_config):
     assert spec.clasp_loi == 3 and spec.clasp_options() == config.speculative_config.clasp_options()
 
 
+def test_options_are_resolved_once_and_carried(make_config, monkeypatch):
+    """The knobs are resolved when the config is built; the pickled config (what engine and
+    workers get) carries the result, so nothing downstream resolves them again."""
+    config = make_config({"method": "clasp", "clasp_skip_layers": 7, "num_speculative_tokens": 5})
+    resolved = config.speculative_config.resolved_options()
+    assert (resolved.num_layers, resolved.num_skip, resolved.max_model_draft_tokens) == (30, 7, 5)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("options resolved again")
+
+    spec = pickle.loads(pickle.dumps(config.speculative_config))
+    monkeypatch.setattr(ClaspOptions, "resolve", fail)
+    assert spec.resolved_options() == resolved
+    assert spec.num_lookahead_slots() == 5
+
+
 # --------------------------------------------------------------------------- rejected knobs
 
 

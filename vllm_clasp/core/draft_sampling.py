@@ -47,3 +47,28 @@ def sample_draft_tokens(
     token_ids = torch.where(is_greedy, greedy, sampled)
     top1_prob = probs.max(dim=-1).values
     return DraftSample(token_ids, top1_prob, probs)
+
+
+def rejection_sampler_probs(
+    num_rows: int,
+    vocab_size: int,
+    model_rows: list[int],  # [R] batch rows that drafted with the model
+    model_probs: torch.Tensor | None,  # [R, k_model, V'] float32 (V' <= vocab_size) or None
+    copied: dict,  # batch row -> copied draft tokens (int array)
+    device=None,
+) -> torch.Tensor:
+    """q [num_rows, k, vocab_size] float32 for vLLM's rejection sampler (`RejectionSampler`
+    reads row i's first len(draft_i) positions; k is the longest draft, at least 1).
+
+    Model drafts keep their draft distributions (zero beyond a draft head's V' tokens);
+    a copied draft is deterministic, so its q is a point mass on each copied token."""
+    k = max([model_probs.shape[1] if model_probs is not None else 0,
+             *(len(d) for d in copied.values())] or [0])
+    q = torch.zeros(num_rows, max(k, 1), vocab_size, dtype=torch.float32, device=device)
+    if model_probs is not None:
+        q[torch.tensor(model_rows, device=device), : model_probs.shape[1],
+          : model_probs.shape[-1]] = model_probs
+    for i, draft in copied.items():
+        tokens = torch.as_tensor(draft, dtype=torch.long).to(device)
+        q[i, torch.arange(len(tokens), device=device), tokens] = 1.0
+    return q

@@ -121,19 +121,14 @@ def engine_info(llm) -> dict:
         if spec.method == "ngram":
             info.update(prompt_lookup_min=spec.prompt_lookup_min,
                         prompt_lookup_max=spec.prompt_lookup_max)
-        if hasattr(spec, "clasp_options"):
+        if hasattr(spec, "resolved_options"):
             options = spec.clasp_options()
             info.update({f"clasp_{k}": v for k, v in dataclasses.asdict(options).items()})
-            try:
-                hf = llm.llm_engine.vllm_config.model_config.hf_config
-                resolved = options.resolve(hf.num_hidden_layers, hf.vocab_size,
-                                           spec.num_speculative_tokens)
-                info["num_skip"] = ("auto %d-%d" % resolved.skip_range if resolved.auto_skip
-                                    else resolved.num_skip)
-                info["copy_source"] = resolved.copy_source
-                info["num_layers"] = resolved.num_layers
-            except Exception as e:  # informational only
-                info["resolve_error"] = str(e)
+            resolved = spec.resolved_options()  # resolved with the config
+            info["num_skip"] = ("auto %d-%d" % resolved.skip_range if resolved.auto_skip
+                                else resolved.num_skip)
+            info["copy_source"] = resolved.copy_source
+            info["num_layers"] = resolved.num_layers
     return info
 
 

@@ -15,7 +15,7 @@ from vllm.config.speculative import SpeculativeConfig
 from vllm.config.utils import config
 
 from vllm_clasp.core.options import (
-    METHOD as CLASP_METHOD, ClaspOptions, knob_names,
+    METHOD as CLASP_METHOD, ClaspOptions, ResolvedClaspOptions, knob_names,
 )
 
 # Model families CI drafts with (tests/e2e/test_model_families.py: the full-model draft is
@@ -40,7 +40,7 @@ class ClaspSpeculativeConfig(SpeculativeConfig):
 
     method: str | None = None  # type: ignore[assignment]
     # The knob table is ClaspOptions (core/options.py); these fields mirror it one to one
-    # (tests/unit/test_spec_config.py checks). SkipValidation: pydantic's lax coercion would
+    # (tests/unit/test_docs.py checks, and that docs/configuration.md lists the same knobs). SkipValidation: pydantic's lax coercion would
     # turn `true` into 1 and "12" into 12 before ClaspOptions sees them; ClaspOptions validates
     # each knob and names key and allowed range.
     clasp_skip_layers: SkipValidation[int | str | None] = None
@@ -89,12 +89,9 @@ class ClaspSpeculativeConfig(SpeculativeConfig):
                 "method='clasp' drafts with the target's own layers: "
                 "draft_tensor_parallel_size must equal the target's tensor_parallel_size"
             )
-        # Resolving checks every knob against this model (layer count, vocabulary).
-        options.resolve(
-            num_layers=target.hf_config.get_text_config().num_hidden_layers,
-            vocab_size=target.get_vocab_size(),
-            num_speculative_tokens=self.num_speculative_tokens,
-        )
+        # Resolving checks every knob against this model (layer count, vocabulary); the result
+        # travels with the config to every process (resolved_options).
+        self.resolved_options()
         # Same bookkeeping as vLLM's model-free methods (ngram, custom_class).
         self.model = CLASP_METHOD
         self.prompt_lookup_max = 0
@@ -107,12 +104,22 @@ class ClaspSpeculativeConfig(SpeculativeConfig):
     def num_lookahead_slots(self) -> int:
         """KV slots the scheduler reserves per request beyond the verified tokens: what the
         layer-skip draft passes write (patch 2); 0 when they are off."""
-        options = self.clasp_options()
-        resolved = options.resolve(
-            num_layers=self.target_model_config.hf_config.get_text_config().num_hidden_layers,
-            vocab_size=self.target_model_config.get_vocab_size(),
-            num_speculative_tokens=self.num_speculative_tokens)
-        return resolved.max_model_draft_tokens
+        return self.resolved_options().max_model_draft_tokens
+
+    def resolved_options(self) -> ResolvedClaspOptions:
+        """The knobs resolved against the target model (`ClaspOptions.resolve`): resolved once,
+        when the config is built, and carried with it (it pickles to engine and workers).
+        Raises ValueError for a knob this model cannot take."""
+        k = self.num_speculative_tokens
+        cached = self.__dict__.get("_clasp_resolved")
+        if cached is None or cached[0] != k:  # K is the one input vLLM could change later
+            target = self.target_model_config
+            resolved = self.clasp_options().resolve(
+                num_layers=target.hf_config.get_text_config().num_hidden_layers,
+                vocab_size=target.get_vocab_size(), num_speculative_tokens=k)
+            cached = (k, resolved)
+            object.__setattr__(self, "_clasp_resolved", cached)
+        return cached[1]
 
     def clasp_options(self) -> ClaspOptions:
         """The knobs given (None counts as unset), validated (`ClaspOptions`)."""

@@ -21,11 +21,13 @@ import time
 import numpy as np
 import torch
 
+from vllm_clasp.core.draft_sampling import rejection_sampler_probs
 from vllm_clasp.core.options import SUFFIX_INSTALL_HINT
 from vllm_clasp.core.planner import Plan, StepInputs, StepPlanner
 from vllm_clasp.core.stats import ClaspStats
 from vllm_clasp.vllm.collective import tp_broadcast
 from vllm_clasp.vllm.decoder_stack import DecoderStack
+from vllm_clasp.vllm.runner_inputs import step_inputs
 from vllm_clasp.vllm.skip_forward import SkipForward
 
 logger = logging.getLogger("vllm.clasp.proposer")  # covered by vLLM's logging setup
@@ -36,7 +38,8 @@ class ClaspProposer:
         spec = vllm_config.speculative_config
         self.vllm_config = vllm_config
         self.num_speculative_tokens = spec.num_speculative_tokens
-        self.options = spec.clasp_options()
+        self.resolved = spec.resolved_options()  # resolved once, with the config
+        self.copy_source_asked = spec.clasp_options().copy_source
         self.max_model_len = vllm_config.model_config.max_model_len
         self.vocab_size = vllm_config.model_config.get_vocab_size()
         self._hidden_size = vllm_config.model_config.get_hidden_size()
@@ -52,8 +55,10 @@ class ClaspProposer:
 
     def load_model(self, model) -> None:
         stack = DecoderStack(model)
-        resolved = self.options.resolve(stack.num_layers, self.vocab_size,
-                                        self.num_speculative_tokens)
+        resolved = self.resolved
+        if stack.num_layers != resolved.num_layers:
+            raise ValueError(f"CLaSp: the loaded model has {stack.num_layers} decoder layers, "
+                             f"its config {resolved.num_layers}")
         draft_vocab = self.vocab_size
         if resolved.draft_vocab_size < self.vocab_size and stack.use_draft_vocab(
             resolved.draft_vocab_size
@@ -65,7 +70,7 @@ class ClaspProposer:
         self.max_model_draft = resolved.max_model_draft_tokens
         self.forward = SkipForward(stack, self.vllm_config, resolved,
                                    max(self.max_model_draft, 1), broadcast=self._broadcast)
-        if self.options.copy_source == "auto" and resolved.copy_source == "ngram":
+        if self.copy_source_asked == "auto" and resolved.copy_source == "ngram":
             logger.warning("CLaSp: arctic-inference is not installed, so drafts are copied with "
                            "n-gram lookup instead of suffix trees (%s)", SUFFIX_INSTALL_HINT)
         logger.info(
@@ -114,8 +119,8 @@ class ClaspProposer:
 
     def _propose(self, runner, scheduler_output, sampled_token_ids):
         """(drafts, q or None, seconds of DP and drafting)."""
-        self.planner.retain(runner.requests.keys())
-        step = self._step_inputs(runner, scheduler_output, sampled_token_ids)
+        step = step_inputs(runner, scheduler_output, sampled_token_ids,
+                           self.num_speculative_tokens, self.max_model_len)
         plan = self.planner.plan(step)
         if plan is None:
             return [[] for _ in step.req_ids], None, 0.0
@@ -130,39 +135,9 @@ class ClaspProposer:
         drafts = self.planner.finish(plan, step, made, seconds)
         draft_probs = None
         if not runner.input_batch.sampling_metadata.all_greedy:
-            draft_probs = self._draft_probs(len(step.req_ids), plan, probs)
+            draft_probs = rejection_sampler_probs(len(step.req_ids), self.vocab_size,
+                                                  plan.model_rows, probs, plan.copied, self.device)
         return drafts, draft_probs, plan.model_seconds
-
-    def _step_inputs(self, runner, scheduler_output, sampled_token_ids) -> StepInputs:
-        batch = runner.input_batch
-        req_ids = list(batch.req_ids)
-        n = len(req_ids)
-        num_tokens = batch.num_tokens_no_spec[:n]  # [n]
-        num_sampled = [len(s) for s in sampled_token_ids[:n]]
-        return StepInputs(
-            req_ids=req_ids, token_ids=batch.token_ids_cpu, num_tokens=num_tokens,
-            num_sampled=num_sampled + [0] * (n - len(num_sampled)),
-            max_draft=np.minimum(np.minimum(self.num_speculative_tokens,
-                                            self.max_model_len - num_tokens),
-                                 self._tokens_left(runner, req_ids) - 1),
-            num_prompt_tokens=batch.num_prompt_tokens[:n],
-            seeded=frozenset(batch.sampling_metadata.generators or ()),
-            has_prefill=bool(scheduler_output.scheduled_new_reqs),
-        )
-
-    @staticmethod
-    def _tokens_left(runner, req_ids: list[str]) -> np.ndarray:
-        """[n]: tokens each request may still generate (max_tokens less its output so far).
-        A verification step yields its accepted drafts plus one, so drafting more than this
-        minus one verifies tokens the request will never keep."""
-        batch = runner.input_batch
-        n = len(req_ids)
-        produced = batch.num_tokens_no_spec[:n] - batch.num_prompt_tokens[:n]  # [n]
-        limits = np.array([
-            getattr(getattr(runner.requests.get(r), "sampling_params", None), "max_tokens",
-                    None) or np.iinfo(np.int32).max
-            for r in req_ids], dtype=np.int64)  # [n]
-        return limits - produced
 
     def _model_drafts(self, runner, plan: Plan, step: StepInputs):
         """Layer-skipped drafts for plan.model_rows: ({row: tokens}, q or None, seconds)."""
@@ -179,22 +154,6 @@ class ClaspProposer:
         )
         made = {i: tokens[r, : lengths[r]].numpy() for r, i in enumerate(plan.model_rows)}
         return made, probs, time.perf_counter() - started
-
-    def _draft_probs(self, n: int, plan: Plan, probs: torch.Tensor | None) -> torch.Tensor:
-        """q [n, k, vocab] for the rejection sampler (k: the longest draft this step, <= K;
-        vLLM reads row i's first len(draft_i) positions): the model's draft distributions, and
-        a point mass for each copied draft (it is deterministic)."""
-        k = max([probs.shape[1] if probs is not None else 0,
-                 *(len(d) for d in plan.copied.values())] or [0])
-        full = torch.zeros(n, max(k, 1), self.vocab_size, dtype=torch.float32,
-                           device=self.device)
-        if probs is not None:
-            full[torch.tensor(plan.model_rows, device=self.device), : probs.shape[1],
-                 : probs.shape[-1]] = probs
-        for i, draft in plan.copied.items():
-            full[i, torch.arange(len(draft), device=self.device),
-                 torch.from_numpy(draft.astype(np.int64)).to(self.device)] = 1.0
-        return full
 
     def _broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
         """Rank 0's value on every tensor-parallel rank (identity with one rank)."""
