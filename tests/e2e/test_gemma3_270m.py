@@ -55,3 +55,15 @@ def test_greedy_equals_plain_on_gemma3(engines, gemma_dir, config):
     assert got == plain
     if config is ALWAYS:
         assert spec_metrics(llm)["vllm:spec_decode_num_drafts"] > 0
+
+
+def test_transformers_and_vllm_agree_on_gemma3(engines, gemma_dir):
+    """The conversion's sanity check (`vllm-clasp model gemma3-270m --check`): transformers and
+    vLLM give the same greedy continuations (with <bos>), on the shared plain engine."""
+    from vllm_clasp.tools.model_check import check_agreement
+
+    report = check_agreement(gemma_dir, llm=engines.get(model=gemma_dir))
+    for a in report:
+        print(a.prompt[:30], a.first_difference, a.margin)
+    assert all(a.ok for a in report), report
+    assert sum(a.first_difference is None for a in report) >= len(report) - 1

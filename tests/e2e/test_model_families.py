@@ -4,10 +4,11 @@ claims (`TESTED_ARCHITECTURES`), and a model that does not fit is refused at sta
 With `clasp_skip_layers: 0` (and no draft-exit threshold, full draft vocabulary, no prompt
 lookup) the draft *is* the full model, so every draft token must be accepted: a draft path that
 misses a model-specific piece (an embedding normaliser, logit soft-capping, a sliding window,
-a second KV-cache group) fails this at once. Families with sliding-window layers (Mistral with
-a window, Gemma 2 and 3: several KV-cache groups under vLLM's hybrid KV-cache manager) also
-check greedy output against plain decoding with one layer skipped. Tiny random-weight
-checkpoints (tests/support/tiny_models.py); prompts are longer than their 16-token windows.
+a second KV-cache group) fails this at once. Every family also checks greedy output against
+plain decoding, with the full-model draft and with one layer skipped. Tiny random-weight
+checkpoints (tests/support/tiny_models.py); prompts are longer than the 16-token windows of
+the families with sliding-window layers (Mistral with a window, Gemma 2 and 3: several
+KV-cache groups under vLLM's hybrid KV-cache manager).
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ FAMILIES = {  # family -> architecture (tests/support/tiny_models.py)
     "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
 }
-SLIDING = ("mistral_sliding", "gemma2", "gemma3")
 PROMPTS = [CHAT_PROMPTS[6], CHAT_PROMPTS[1], CHAT_PROMPTS[10]]
 MAX_TOKENS = 24
 
@@ -74,11 +74,10 @@ def test_a_full_model_draft_is_always_accepted(engines, tiny_dir, family):
     # Drafts are K long but for the last steps (never past max_tokens).
     assert drafts > 0 and K * (drafts - K) <= drafted <= K * drafts
     assert accepted == drafted, f"{family}: the full-model draft differs from the model"
-    if family in SLIDING:
-        plain = greedy(engines.get(model=tiny_dir(family)))
-        assert out == plain
-        skip_one = engines.get(model=tiny_dir(family), speculative_config=SKIP_ONE)
-        assert greedy(skip_one) == plain
+    plain = greedy(engines.get(model=tiny_dir(family)))
+    assert out == plain, f"{family}: full-model draft, greedy output differs from plain"
+    skip_one = engines.get(model=tiny_dir(family), speculative_config=SKIP_ONE)
+    assert greedy(skip_one) == plain, f"{family}: one layer skipped, greedy output differs"
 
 
 def test_a_model_that_does_not_fit_is_refused_at_start_up(tiny_dir):

@@ -76,6 +76,22 @@ def test_every_accepted_sampling_parameter_is_served(engines, config):
             assert all(" Paris" not in r.outputs[0].text for r in results)
 
 
+@pytest.mark.parametrize("config", [DEFAULTS, ALWAYS], ids=["defaults", "always_drafting"])
+def test_the_reported_top_k_request_alone(engines, config):
+    """The issue's smallest input: one raw prompt, temperature 1 with top_k=5, 4 tokens (the
+    engine died in the CPU top-k path on a step without draft tokens); then the engine still
+    serves."""
+    from vllm import SamplingParams
+
+    llm = engines.get(dtype="float32", speculative_config=config)
+    for _ in range(2):
+        out = llm.generate(["Hello"], SamplingParams(temperature=1.0, top_k=5, max_tokens=4),
+                           use_tqdm=False)
+        assert len(out[0].outputs[0].token_ids) == 4
+    out = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
+
+
 @pytest.mark.parametrize("kwargs", [{"min_p": 0.1}, {"logit_bias": {504: 5.0}}])
 def test_parameters_spec_decoding_lacks_are_refused_per_request(engines, kwargs):
     """vLLM refuses min_p and logit_bias for every speculative method before the request
@@ -96,11 +112,12 @@ def _tokens(results) -> list[list[int]]:
     return [list(r.outputs[0].token_ids) for r in results]
 
 
-def test_top_k_1_and_tiny_top_p_give_the_greedy_output(engines):
+@pytest.mark.parametrize("config", [ALWAYS, DEFAULTS], ids=["always_drafting", "defaults"])
+def test_top_k_1_and_tiny_top_p_give_the_greedy_output(engines, config):
     """top_k=1, or a top_p that keeps only the most likely token, is greedy decoding at any
     temperature: alone, in a batch of its kind, and mixed with greedy and seeded requests,
     with layer-skip drafts on every step (the rejection sampler then sees a point-mass target
-    against a sampled draft)."""
+    against a sampled draft) and with the defaults (copies, some rows undrafted)."""
     from vllm import SamplingParams as S
 
     plain = engines.get(dtype="float32")
@@ -108,7 +125,7 @@ def test_top_k_1_and_tiny_top_p_give_the_greedy_output(engines):
     greedy = S(temperature=0, max_tokens=MAX_TOKENS)
     expected = _tokens(plain.generate(prompts, greedy, use_tqdm=False))
 
-    llm = engines.get(dtype="float32", speculative_config=ALWAYS)
+    llm = engines.get(dtype="float32", speculative_config=config)
     point_masses = [S(temperature=t, top_k=1, max_tokens=MAX_TOKENS) for t in (0.5, 1.0, 1.7)]
     point_masses += [S(temperature=t, top_p=1e-6, max_tokens=MAX_TOKENS) for t in (0.7, 1.3)]
     for params in point_masses:
@@ -160,9 +177,30 @@ def test_a_seed_pins_the_output_whatever_else_runs(engines):
         _tokens(batch_b)[1]
 
 
+def test_the_same_mixed_batch_twice_and_each_seeded_request_alone(engines):
+    """The issue's batch: 8 short chat prompts, greedy and seeded (temperature 0.9, seed
+    1000 + i, 64 tokens) alternating, sent twice with the defaults; then each seeded request
+    alone, twice. Every seeded output is the same each time, in the batch and alone."""
+    from vllm import SamplingParams
+
+    llm = engines.get(dtype="float32", speculative_config=DEFAULTS)
+    prompts = [chat(llm.get_tokenizer(), p) for p in PROMPTS]
+    params = [_seeded(i) if i % 2 else SamplingParams(temperature=0, max_tokens=64)
+              for i in range(len(prompts))]
+    first, second = (_tokens(llm.generate(prompts, params, use_tqdm=False)) for _ in range(2))
+    assert first == second
+    for i in range(1, len(prompts), 2):
+        alone = [_tokens(llm.generate([prompts[i]], params[i], use_tqdm=False))[0]
+                 for _ in range(2)]
+        assert alone[0] == alone[1] == first[i], i
+
+
 def test_a_seed_pins_every_completion_of_n(engines):
+    from vllm import SamplingParams
+
     llm = engines.get(dtype="float32", speculative_config=DEFAULTS)
     fib = chat(llm.get_tokenizer(), "Write a Python function that returns the n-th Fibonacci "
                "number.")
-    first, second = (llm.generate([fib], _seeded(7, n=4), use_tqdm=False)[0] for _ in range(2))
+    params = SamplingParams(temperature=0.9, seed=7, n=4, max_tokens=64)  # the issue's input
+    first, second = (llm.generate([fib], params, use_tqdm=False)[0] for _ in range(2))
     assert [o.token_ids for o in first.outputs] == [o.token_ids for o in second.outputs]

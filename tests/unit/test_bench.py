@@ -441,6 +441,29 @@ def test_quiet_prints_the_log_tail_when_the_run_fails(tmp_path, monkeypatch, cap
         assert console is None
 
 
+def test_a_run_with_failed_engines_shows_the_log_tail(tmp_path, monkeypatch, capfd):
+    """bench/demo catch an engine that fails to start or generate and go on with the others;
+    the log's last lines (vLLM's reason) still reach the terminal, and the result comes back."""
+    from vllm_clasp.tools import bench
+    from vllm_clasp.tools.console import LOG_DIR_ENV
+
+    monkeypatch.setenv(LOG_DIR_ENV, str(tmp_path))
+
+    def run_bench(options):
+        os.write(2, b"ValueError: the reason vLLM gave\n")
+        return {"errors": [{"method": "clasp", "phase": "build", "error": "boom"}]}
+
+    monkeypatch.setattr(bench, "run_bench", run_bench)
+    result = bench.run_for_cli("bench", bench.BenchOptions(iomp=False), verbose=False)
+    assert result["errors"][0]["method"] == "clasp"
+    err = capfd.readouterr().err
+    assert "failed; the last lines of" in err and "the reason vLLM gave" in err
+    monkeypatch.setattr(bench, "run_bench", lambda options: {"errors": []})
+    assert bench.run_for_cli("bench", bench.BenchOptions(iomp=False), verbose=False) == {
+        "errors": []}
+    assert "the last lines of" not in capfd.readouterr().err
+
+
 def test_recorded_config_leaves_the_console_out():
     import io
     import json

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Sequence
 
-from vllm_clasp.tools.console import quiet
+from vllm_clasp.tools.console import QuietFailure, quiet
 from vllm_clasp.tools.cpu_env import maybe_reexec_with_iomp, setup_iomp
 from vllm_clasp.tools.engine import (
     clasp_stats,
@@ -560,12 +560,18 @@ def run_for_cli(tool: str, options: BenchOptions, verbose: bool) -> dict | None:
     re-exec), vLLM's own output in a log file unless `verbose`; None, after printing why,
     when it could not run."""
     maybe_reexec_with_iomp(options.iomp)
+    result = None
     try:
         with quiet(tool, verbose) as console:
-            return run_bench(dataclasses.replace(options, console=console))
+            result = run_bench(dataclasses.replace(options, console=console))
+            if result["errors"]:  # engines that failed and were dropped: show why
+                raise QuietFailure
+    except QuietFailure:
+        pass
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"vllm-clasp {tool}: error: {e}", file=sys.stderr)
         return None
+    return result
 
 
 def run_cli(args: argparse.Namespace) -> int:

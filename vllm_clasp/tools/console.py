@@ -59,11 +59,16 @@ def tail(path: Path, lines: int = 30) -> str:
         return ""
 
 
+class QuietFailure(Exception):
+    """Raised inside `quiet` by a tool whose run ended with errors it caught itself (an
+    engine that failed to start or to generate): `quiet` shows the log's tail, then re-raises."""
+
+
 @contextlib.contextmanager
 def quiet(tool: str, verbose: bool) -> Iterator[IO[str] | None]:
     """Run a tool's engine work with vLLM's output in a log file (its path printed first,
-    its last lines printed on failure); yields the terminal stream, or None when `verbose`
-    (everything stays on the terminal)."""
+    its last lines printed on failure: an exception, `QuietFailure` included); yields the
+    terminal stream, or None when `verbose` (everything stays on the terminal)."""
     if verbose:
         yield None
         return
