@@ -211,3 +211,27 @@ def test_own_kv_full_vs_candidate(lm):
         lines.append(f"T={len(ids)}: Jaccard {jac:.2f}, true-draft cos own-KV DP {cos[0]:.3f} vs "
                      f"full-KV DP {cos[1]:.3f}")
     print(f"\n[own_kv, M={M}] " + " | ".join(lines))
+
+
+def test_hf_spec_replay_full_model_draft_is_always_accepted(lm):
+    """The reference replay behind scripts/measure_dp_own_kv.py: with no layer skipped the
+    draft is the full model on its own K/V, so every draft token is accepted; with a skip set
+    fewer are, and a round never accepts more than it drafted."""
+    from tests.support import hf_spec
+
+    model, contexts, _ = lm
+    prompt = contexts[0]
+    y = hf_spec.greedy_continuation(model, prompt, 20)
+    kv = hf_spec.ContextKV(model, torch.cat([prompt, y]))
+    L = model.config.num_hidden_layers
+    full = hf_spec.speculate(model, prompt, y, kv, lambda n: torch.zeros(L, dtype=torch.bool),
+                             num_draft_tokens=4, loi=2)
+    assert full.accepted[:-1] == [4] * (len(full.accepted) - 1)
+    assert sum(a + 1 for a in full.accepted) >= len(y) - 1
+    skip = torch.zeros(L, dtype=torch.bool)
+    skip[1:16] = True
+    calls = []
+    half = hf_spec.speculate(model, prompt, y, kv, lambda n: calls.append(n) or skip,
+                             num_draft_tokens=4, loi=2)
+    assert half.tau < full.tau and all(0 <= a <= 4 for a in half.accepted)
+    assert calls[0] == len(prompt) and len(calls) == (len(half.accepted) + 1) // 2
