@@ -18,6 +18,23 @@ def test_configuration_docs_table_lists_exactly_the_knobs():
     assert sorted(documented) == sorted(knob_names())
 
 
+def test_configuration_docs_table_gives_each_knobs_default():
+    """The table's default column shows ClaspOptions' default wherever it is a plain value
+    (knobs whose default depends on the model, None in ClaspOptions, are described in words)."""
+    import json
+
+    from vllm_clasp.core.options import KNOB_PREFIX, ClaspOptions
+
+    text = (DOCS / "configuration.md").read_text()
+    table = text[text.index("## CLaSp's knobs"):text.index("### ")]
+    cells = {m[0]: m[1] for m in re.findall(r"^\| `(clasp_\w+)` \| [^|]+ \| `([^`]+)` \|", table,
+                                              flags=re.M)}
+    for field in dataclasses.fields(ClaspOptions):
+        if field.default is None or field.default is dataclasses.MISSING:
+            continue
+        assert cells.get(KNOB_PREFIX + field.name) == json.dumps(field.default), field.name
+
+
 def test_config_fields_mirror_the_knob_table():
     from vllm_clasp.vllm.config import ClaspSpeculativeConfig
 
