@@ -681,3 +681,25 @@ def test_prepared_gemma_directory():
     assert not tok.chat_template
     ids = tok("The capital of France is")["input_ids"]
     assert ids[0] == tok.bos_token_id == cfg["bos_token_id"]
+
+
+@pytest.mark.parametrize("agree", [True, False])
+def test_model_check_flag_prints_the_verdict_and_keeps_stdout_to_the_path(
+        tmp_path, monkeypatch, capsys, agree):
+    """`vllm-clasp model DIR --check`: stdout is only the path; the verdict goes to stderr;
+    a disagreement (not at a near-tie) exits 1."""
+    from vllm_clasp.tools import cli, console, model_check
+
+    monkeypatch.setenv(console.LOG_DIR_ENV, str(tmp_path / "logs"))
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    differ = model_check.Agreement("p", [1, 2], [1, 3], None if agree else 1, 5.0)
+    monkeypatch.setattr(model_check, "check_agreement", lambda path: [differ])
+    monkeypatch.setattr("vllm_clasp.tools.model_prep.prepare_model",
+                        lambda name, **kw: tmp_path / "m")
+    code = cli.main(["model", str(tmp_path / "m"), "--check"])
+    out, err = capsys.readouterr()
+    assert out.strip() == ("" if not agree else str(tmp_path / "m"))
+    assert code == (0 if agree else 1)
+    assert ("transformers and vLLM agree" in err) == agree
+    assert ("disagree" in err) != agree

@@ -87,9 +87,15 @@ def _run_model(args: argparse.Namespace) -> int:
         print(f"vllm-clasp model: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     if args.check:
+        from vllm_clasp.tools.console import quiet
         from vllm_clasp.tools.model_check import TIE_MARGIN, check_agreement
 
-        report = check_agreement(str(path))
+        try:
+            with quiet("model-check", verbose=False):  # vLLM's logs to a file, stdout clean
+                report = check_agreement(str(path))
+        except Exception as e:  # the log's tail is already printed
+            print(f"vllm-clasp model: error: the check could not run: {e}", file=sys.stderr)
+            return EXIT_ERROR
         for a in report:
             verdict = ("identical" if a.first_difference is None else
                        f"differ at token {a.first_difference} (top-2 margin {a.margin}; a tie is "
