@@ -52,7 +52,7 @@ def test_suffix_trees_restart_a_preempted_request():
     trees.forget(["a"])  # preempted
     trees.update("a", context, num_prompt_tokens=len(PROMPT))  # resumed: started anew
     assert trees.draft("a", context, max_draft=3).tokens.tolist() == [3, 4]
-    trees.retain([])
+    trees.forget(["a"])  # finished
     assert trees.draft("a", context, max_draft=3).tokens.tolist() == []
 
 

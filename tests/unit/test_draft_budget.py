@@ -121,7 +121,7 @@ def test_acceptance_rates_count_judged_positions_and_shrink_to_the_source():
     assert len(rates) == 2
     rates.drop({"a"})
     assert len(rates) == 1
-    rates.retain(["c"])
+    rates.drop({"b"})
     assert len(rates) == 0
 
 

@@ -89,15 +89,6 @@ def test_preempted_ids_may_be_none():
     assert "a" in planner.tracker
 
 
-def test_state_of_requests_the_runner_forgot_is_dropped():
-    """A step that never reached the proposer (no tokens scheduled) still must not leak."""
-    planner = planner_with()
-    for req_id in ("a", "gone1", "gone2"):
-        planner.tracker.update(req_id, SKIP)
-    planner.retain(["a"])
-    assert len(planner.tracker) == 1 and "a" in planner.tracker
-
-
 def test_forgetting_every_request_empties_the_state_and_the_gauge():
     """The step after the last requests finish schedules nothing: the patched execute_model
     calls forget() so an idle engine holds (and reports) no CLaSp state."""

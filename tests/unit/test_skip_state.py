@@ -100,14 +100,3 @@ def test_drop():
     assert len(tracker) == 2
     tracker.drop({"b", "c"})
     assert len(tracker) == 0
-
-
-def test_retain():
-    tracker = SkipSetTracker(loi=2)
-    for req in "abcd":
-        tracker.update(req, mask(1))
-    tracker.retain({"b": None, "d": None, "new": None}.keys())  # e.g. runner.requests.keys()
-    assert sorted(r for r in "abcd" if r in tracker) == ["b", "d"]
-    assert "new" not in tracker
-    tracker.retain([])
-    assert len(tracker) == 0

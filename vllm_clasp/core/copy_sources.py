@@ -56,9 +56,6 @@ class NgramLookup:
     def forget(self, req_ids: Iterable[Hashable]) -> None:
         pass
 
-    def retain(self, live: Iterable[Hashable]) -> None:
-        pass
-
 
 class SuffixTrees:
     """`SuffixDecodingCache` with vLLM's per-request lifecycle.
@@ -111,10 +108,6 @@ class SuffixTrees:
             if self._seen.pop(req_id, None) is not None:
                 self.cache.stop_request(req_id)
 
-    def retain(self, live: Iterable[Hashable]) -> None:
-        live = set(live)
-        self.forget([r for r in self._seen if r not in live])
-
 
 CopySource = NgramLookup | SuffixTrees
 
@@ -160,10 +153,6 @@ class CopiedDrafts:
     def forget(self, req_ids: Iterable[Hashable]) -> None:
         if self.source is not None:
             self.source.forget(req_ids)
-
-    def retain(self, live: Iterable[Hashable]) -> None:
-        if self.source is not None:
-            self.source.retain(live)
 
 
 def make_copy_source(kind: str, prompt_lookup_max: int, prompt_lookup_min: int,

@@ -183,10 +183,6 @@ class AcceptanceRates:
         for req_id in req_ids or ():
             self._requests.pop(req_id, None)
 
-    def retain(self, req_ids: Iterable[Hashable]) -> None:
-        live = set(req_ids)
-        self._requests = {k: v for k, v in self._requests.items() if k in live}
-
     def __len__(self) -> int:
         return len(self._requests)
 

@@ -142,16 +142,6 @@ class StepPlanner:
         self.copies.forget(req_ids)
         self.stats.tracked_requests = len(self.tracker)
 
-    def retain(self, live: Iterable[str]) -> None:
-        """Drop the state of every request not in `live` (gone without being reported)."""
-        live = set(live)
-        if len(self.tracker) > len(live):
-            self.tracker.retain(live)
-        if len(self.acceptance) > len(live):
-            self.acceptance.retain(live)
-        self.copies.retain(live)
-        self.stats.tracked_requests = len(self.tracker)
-
     # ------------------------------------------------------------------ planning
     def plan(self, step: StepInputs) -> Plan | None:
         """Credit the last plan, then decide lookups and model rows; None: nobody decodes."""

@@ -72,9 +72,3 @@ class SkipSetTracker:
     def drop(self, req_ids: Iterable[str] | None) -> None:
         for req_id in req_ids or ():
             self._states.pop(req_id, None)
-
-    def retain(self, live_req_ids: Iterable[str]) -> None:
-        """Drop every request not in `live_req_ids` (finished or preempted meanwhile)."""
-        live = set(live_req_ids)
-        for req_id in [r for r in self._states if r not in live]:
-            del self._states[req_id]
