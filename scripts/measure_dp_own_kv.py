@@ -152,7 +152,8 @@ def main(argv=None):
     loi = args.loi or options.loi
     model, tok = load_model()
     L = model.config.num_hidden_layers
-    never_skip = torch.tensor(options.resolve(L, tok.vocab_size, None).never_skip)  # [L] bool
+    resolved = options.resolve(L, tok.vocab_size, None)
+    never_skip = torch.tensor(resolved.never_skip)  # [L] bool
     questions = select_questions(load_questions(args.questions), GROUPS, args.per_category,
                                  args.offset)
     shard, shards = (int(x) for x in args.shard.split("/"))
@@ -180,8 +181,8 @@ def main(argv=None):
             rows.append(row)
     config = {"model": "SmolLM2-135M-Instruct", "dtype": "float32", "offset": args.offset,
               "per_category": args.per_category, "max_tokens": args.max_tokens,
-              "draft_tokens": args.draft_tokens, "loi": loi, "never_skip": options.resolve(
-                  L, tok.vocab_size, None).never_skip.count(True), "shard": args.shard}
+              "draft_tokens": args.draft_tokens, "loi": loi, "never_skip": resolved.never_skip.count(True),
+              "shard": args.shard}
     write_summary(args, rows, skip_counts, config)
 
 

@@ -40,9 +40,9 @@ class ClaspSpeculativeConfig(SpeculativeConfig):
 
     method: str | None = None  # type: ignore[assignment]
     # The knob table is ClaspOptions (core/options.py); these fields mirror it one to one
-    # (tests/unit/test_docs.py checks, and that docs/configuration.md lists the same knobs). SkipValidation: pydantic's lax coercion would
-    # turn `true` into 1 and "12" into 12 before ClaspOptions sees them; ClaspOptions validates
-    # each knob and names key and allowed range.
+    # (tests/unit/test_docs.py checks, and that docs/configuration.md lists the same knobs).
+    # SkipValidation: pydantic's lax coercion would turn `true` into 1 and "12" into 12 before
+    # ClaspOptions sees them; ClaspOptions validates each knob and names key and allowed range.
     clasp_skip_layers: SkipValidation[int | str | None] = None
     clasp_skip_ratio: SkipValidation[float | None] = None
     clasp_loi: SkipValidation[int | None] = None
