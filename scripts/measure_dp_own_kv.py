@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Does the DP's own-position approximation cost acceptance? (issue 12, part 2)
+"""Does the DP's own-position approximation cost acceptance?
 
 In the engine a DP candidate at the last accepted token's position attends to the full
 model's K/V there (a read of the paged cache; nothing is written), whereas a real draft token
@@ -12,7 +12,7 @@ token, K-token greedy drafts attending to the full model's context K/V and their
 reports the mean acceptance length tau of each and their paired difference.
 
     .venv/bin/python scripts/measure_dp_own_kv.py --per-category 17 --offset 40 \\
-        --out docs/bench/session6/dp-own-kv.jsonl
+        --out docs/bench/2026-11-30-dp-approx-and-reruns/dp-own-kv.jsonl
 
 One JSON line per prompt (appended, so an interrupted run resumes where it stopped), then a
 summary line. Single-threaded torch by default (``--threads``).

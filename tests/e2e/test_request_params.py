@@ -78,7 +78,7 @@ def test_every_accepted_sampling_parameter_is_served(engines, config):
 
 @pytest.mark.parametrize("config", [DEFAULTS, ALWAYS], ids=["defaults", "always_drafting"])
 def test_the_reported_top_k_request_alone(engines, config):
-    """The issue's smallest input: one raw prompt, temperature 1 with top_k=5, 4 tokens (the
+    """The smallest failing input: one raw prompt, temperature 1 with top_k=5, 4 tokens (the
     engine died in the CPU top-k path on a step without draft tokens); then the engine still
     serves."""
     from vllm import SamplingParams
@@ -178,7 +178,7 @@ def test_a_seed_pins_the_output_whatever_else_runs(engines):
 
 
 def test_the_same_mixed_batch_twice_and_each_seeded_request_alone(engines):
-    """The issue's batch: 8 short chat prompts, greedy and seeded (temperature 0.9, seed
+    """A mixed batch: 8 short chat prompts, greedy and seeded (temperature 0.9, seed
     1000 + i, 64 tokens) alternating, sent twice with the defaults; then each seeded request
     alone, twice. Every seeded output is the same each time, in the batch and alone."""
     from vllm import SamplingParams
@@ -201,6 +201,6 @@ def test_a_seed_pins_every_completion_of_n(engines):
     llm = engines.get(dtype="float32", speculative_config=DEFAULTS)
     fib = chat(llm.get_tokenizer(), "Write a Python function that returns the n-th Fibonacci "
                "number.")
-    params = SamplingParams(temperature=0.9, seed=7, n=4, max_tokens=64)  # the issue's input
+    params = SamplingParams(temperature=0.9, seed=7, n=4, max_tokens=64)  # one prompt, n=4, seeded
     first, second = (llm.generate([fib], params, use_tqdm=False)[0] for _ in range(2))
     assert [o.token_ids for o in first.outputs] == [o.token_ids for o in second.outputs]

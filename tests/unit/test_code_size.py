@@ -1,5 +1,5 @@
 """The house stays readable: no class over ~200 lines, no function over ~50, unless a reason
-is written here (the redesign issue's rule; measured as AST end_lineno - lineno + 1)."""
+is written here (measured as AST end_lineno - lineno + 1)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 All tests but ``test_real_conversion`` replace the ~30 s GGUF conversion with a
 fake converter and run in milliseconds.  ``test_real_conversion`` runs the real
-thing into the session-wide cache (``cache_root()``), so it is slow only the
+thing into the shared model cache (``cache_root()``), so it is slow only the
 first time on a machine.  Nothing here installs the gemma3-270m packages (~250 MB):
 its tests stub the installer and the ``assemble()`` module, and
 ``test_prepared_gemma_directory`` only checks a directory that is already prepared.
