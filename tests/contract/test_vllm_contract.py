@@ -59,8 +59,14 @@ def class_attribute_assigned(cls, name: str) -> bool:
     """`self.<name> = ...` / `self.<name>: T = ...` somewhere in the class, or a class attr."""
     if inspect.getattr_static(cls, name, None) is not None:
         return True
-    text = inspect.getsource(cls)
-    return re.search(rf"self\.{name}\s*(:[^=\n]+)?=", text) is not None
+    for klass in cls.__mro__[:-1]:  # the class and its bases (mixins set attributes too)
+        try:
+            text = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        if re.search(rf"self\.{name}\s*(:[^=\n]+)?=", text) is not None:
+            return True
+    return False
 
 
 @pytest.fixture(scope="module")
@@ -708,6 +714,88 @@ def test_empty_constraints_fix_is_a_no_op_on_no_rows_and_delegates_otherwise():
     assert calls == []
     assert fixed(torch.zeros(2, 16), torch.tensor([1, 2]), "meta") == "vllm's"
     assert len(calls) == 1
+
+
+def test_cpu_generator_rewind_still_needs_patches_13_and_14(runner_cls):
+    """Patches 13-14 rewind a discarded sample's CPU generator by state, because vLLM rewinds
+    by offset and a CPU generator has none. When vLLM changes either, this fails: review
+    patches 13 and 14 in patches.py."""
+    import torch
+
+    text = flat(source(runner_cls._bookkeeping_sync))
+    require("discard_request_mask" in text and "gen.set_offset(gen.get_offset() - 4)" in text,
+            PATCHES_PY, "the runner no longer rewinds discarded samples' generators by offset")
+    with pytest.raises(RuntimeError, match="offset"):
+        torch.Generator().set_offset(0)
+    require("self.input_batch.generators" in text, PATCHES_PY,
+            "the rewind no longer reads input_batch.generators (patch 14 hides entries there)")
+
+
+def test_generator_rewind_fix_restores_discarded_rows_only():
+    """Patch 13 leaves a discarded row's generator as before the sample and the kept row's
+    advanced; patch 14 hides the rewound ones from vLLM's offset loop, then puts them back."""
+    import types
+
+    import numpy as np
+    import torch
+
+    from vllm_clasp.vllm.patches import _bookkeeping_skips_rewound, _sample_keeps_generators
+
+    generators = {0: torch.Generator().manual_seed(1), 1: torch.Generator().manual_seed(2)}
+    runner = types.SimpleNamespace(
+        input_batch=types.SimpleNamespace(num_reqs=3, generators=generators),
+        discard_request_mask=types.SimpleNamespace(np=np.array([True, False, True])))
+    before = {i: g.get_state() for i, g in generators.items()}
+
+    def vllm_sample(self, logits, spec_decode_metadata):
+        return [torch.rand(4, generator=g) for g in self.input_batch.generators.values()]
+
+    def vllm_bookkeeping(self, *args):
+        for i in np.nonzero(self.discard_request_mask.np[:3])[0]:
+            gen = self.input_batch.generators.get(int(i))
+            if gen is not None:
+                gen.set_offset(gen.get_offset() - 4)  # what vLLM does: raises on CPU
+        return sorted(self.input_batch.generators)
+
+    _sample_keeps_generators(vllm_sample)(runner, None, None)
+    assert torch.equal(generators[0].get_state(), before[0])
+    assert not torch.equal(generators[1].get_state(), before[1])
+    assert _bookkeeping_skips_rewound(vllm_bookkeeping)(runner) == [1]
+    assert sorted(runner.input_batch.generators) == [0, 1]
+
+
+def test_lora_mapping_calls_the_adapter_rows_use(runner_cls):
+    """adapter_rows.AdapterRows sets the LoRA mapping for CLaSp's rows as the runner does per
+    step (`_set_active_loras` -> `lora_manager.set_active_adapters(requests, LoRAMapping)`),
+    from `InputBatch.request_lora_mapping` and `lora_id_to_lora_request`, with per-token
+    kernels (`is_prefill=False`), at most `max_num_batched_tokens` rows per call."""
+    from vllm.lora.layers import LoRAMapping
+    from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
+    from vllm.v1.worker.gpu_input_batch import InputBatch
+    from vllm.v1.worker.lora_model_runner_mixin import LoRAModelRunnerMixin
+
+    adapter_rows = "vllm_clasp/vllm/adapter_rows.py"
+    require(issubclass(runner_cls, LoRAModelRunnerMixin), adapter_rows,
+            "GPUModelRunner is no longer a LoRAModelRunnerMixin")
+    text = flat(source(LoRAModelRunnerMixin._set_active_loras))
+    require("self.lora_manager.set_active_adapters(lora_requests, lora_mapping)" in text,
+            adapter_rows, "the runner no longer sets adapters through lora_manager")
+    require([f.name for f in dataclasses.fields(LoRAMapping)][:3]
+            == ["index_mapping", "prompt_mapping", "is_prefill"], adapter_rows,
+            "LoRAMapping's fields changed")
+    for name in ("lora_config", "lora_manager"):
+        require(class_attribute_assigned(runner_cls, name), adapter_rows,
+                f"GPUModelRunner no longer sets self.{name}")
+    for name in ("request_lora_mapping", "lora_id_to_lora_request"):
+        require(class_attribute_assigned(InputBatch, name), adapter_rows,
+                f"InputBatch no longer has {name}")
+    require("self.set_active_loras(" in flat(source(runner_cls._prepare_inputs)),
+            adapter_rows, "the runner no longer sets the LoRA mapping for every step's tokens")
+    init = flat(source(PunicaWrapperBase.__init__))
+    require("torch.empty( max_num_batched_tokens" in init
+            and "torch.empty(max_batches" in init, adapter_rows,
+            "LoRA's metadata buffers are no longer sized by max_num_batched_tokens / "
+            "max_num_seqs")
 
 
 # --------------------------------------------------------------------------- metrics path (7-10)

@@ -127,6 +127,32 @@ def test_every_knob_set(make_config):
     assert "num_spec_tokens=5" in repr(spec) and "loi=3" in repr(spec)
 
 
+@pytest.mark.parametrize("limits", [{}, {"max_num_batched_tokens": 256, "max_num_seqs": 16},
+                                    {"max_num_batched_tokens": 100, "max_num_seqs": 50}])
+def test_lora_default_k_fits_vllms_lora_limit(make_config, limits):
+    """vLLM refuses LoRA with speculation when max_num_batched_tokens < max_num_seqs x (K+1);
+    a K the user did not choose must fit that, whatever the batch limits."""
+    config = make_config({"method": "clasp"}, enable_lora=True, max_lora_rank=8, **limits)
+    spec, scheduler = config.speculative_config, config.scheduler_config
+    k = spec.num_speculative_tokens
+    assert 1 <= k < DEFAULT_SUFFIX_MAX_TREE_DEPTH
+    assert scheduler.max_num_batched_tokens >= scheduler.max_num_seqs * (k + 1)
+    if limits:  # given limits are exact: the largest K that fits
+        assert k == min(DEFAULT_SUFFIX_MAX_TREE_DEPTH,
+                        limits["max_num_batched_tokens"] // limits["max_num_seqs"] - 1)
+    assert config.num_lookahead_tokens == min(DEFAULT_MAX_MODEL_DRAFT_TOKENS, k)
+
+
+def test_lora_keeps_the_default_k_where_it_fits_and_an_explicit_k_always(make_config):
+    roomy = make_config({"method": "clasp"}, enable_lora=True, max_num_batched_tokens=4096,
+                        max_num_seqs=16)
+    assert roomy.speculative_config.num_speculative_tokens == DEFAULT_SUFFIX_MAX_TREE_DEPTH
+    # A K the user chose is theirs: vLLM's own error names both knobs.
+    message = config_error(make_config, {"method": "clasp", "num_speculative_tokens": 24},
+                           enable_lora=True, max_num_batched_tokens=256, max_num_seqs=16)
+    assert "max_num_batched_tokens" in message and "num_speculative_tokens" in message
+
+
 def test_num_lookahead_follows_k(make_config):
     config = make_config({"method": "clasp", "num_speculative_tokens": 3, "clasp_skip_ratio": 0.3})
     assert config.num_lookahead_tokens == 3

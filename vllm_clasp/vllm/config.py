@@ -8,6 +8,7 @@ worker processes like its parent (the plugin is importable there).
 
 from __future__ import annotations
 
+import logging
 import os
 
 from pydantic import SkipValidation
@@ -15,8 +16,10 @@ from vllm.config.speculative import SpeculativeConfig
 from vllm.config.utils import config
 
 from vllm_clasp.core.options import (
-    METHOD as CLASP_METHOD, ClaspOptions, ResolvedClaspOptions, knob_names,
+    KNOB_PREFIX, METHOD as CLASP_METHOD, ClaspOptions, ResolvedClaspOptions, knob_names,
 )
+
+logger = logging.getLogger("vllm.clasp.config")  # covered by vLLM's logging setup
 
 # Model families CI drafts with (tests/e2e/test_model_families.py: the full-model draft is
 # accepted every time, and greedy output equals plain decoding). Others are accepted when their
@@ -141,4 +144,38 @@ def _forces_v2_runner(value: str | None) -> bool:
         return bool(int(value))
     except ValueError:
         return False
+
+
+def lora_default_num_speculative_tokens(engine_args, knobs: dict, model_config) -> int:
+    """K for a LoRA engine whose user gave none: CLaSp's default, lowered to fit vLLM's LoRA
+    limit `max_num_batched_tokens >= max_num_seqs * (K + 1)` (`EngineArgs.create_engine_config`).
+
+    The batch limits are not resolved yet when the speculative config is built, so unset ones
+    are taken at their most demanding default for this platform (fewest batched tokens, most
+    sequences, `EngineArgs.get_batch_defaults`); an explicit K is never changed."""
+    from vllm.config.scheduler import SchedulerConfig
+
+    options = ClaspOptions.from_dict({k: v for k, v in knobs.items()
+                                      if k.startswith(KNOB_PREFIX) and v is not None})
+    default = options.default_num_speculative_tokens()
+    tokens, seqs = engine_args.max_num_batched_tokens, engine_args.max_num_seqs
+    if tokens is None or seqs is None:
+        world = engine_args.pipeline_parallel_size * engine_args.tensor_parallel_size
+        default_tokens, default_seqs = engine_args.get_batch_defaults(world)
+        if seqs is None:
+            seqs = max(default_seqs.values(), default=SchedulerConfig.DEFAULT_MAX_NUM_SEQS)
+        if tokens is None:
+            tokens = min(default_tokens.values(),
+                         default=SchedulerConfig.DEFAULT_MAX_NUM_BATCHED_TOKENS)
+            tokens = min(tokens, seqs * model_config.max_model_len)
+        seqs = min(seqs, tokens)
+    k = max(1, min(default, tokens // max(seqs, 1) - 1))
+    if k < default:
+        logger.info(
+            "CLaSp: num_speculative_tokens defaults to %d, not %d, with LoRA: vLLM needs "
+            "max_num_batched_tokens (%d) >= max_num_seqs (%d) x (num_speculative_tokens + 1); "
+            "set num_speculative_tokens in --speculative-config, or raise "
+            "max_num_batched_tokens / lower max_num_seqs, for longer drafts",
+            k, default, tokens, seqs)
+    return k
 

@@ -57,6 +57,11 @@ def _create_speculative_config(original):
             target_model_config=target_model_config,
             target_parallel_config=target_parallel_config,
         )
+        if getattr(self, "enable_lora", False) and kwargs.get("num_speculative_tokens") is None:
+            from vllm_clasp.vllm.config import lora_default_num_speculative_tokens
+
+            kwargs["num_speculative_tokens"] = lora_default_num_speculative_tokens(
+                self, kwargs, target_model_config)
         return ClaspSpeculativeConfig(**kwargs)
 
     return create_speculative_config
@@ -222,6 +227,48 @@ def _apply_sampling_constraints(original):
     return apply_sampling_constraints
 
 
+def _discarded_cpu_generators(runner) -> dict:
+    """{input-batch row: its CPU generator} for the rows whose sample this step discards (a
+    prefill chunk that is not the prompt's last)."""
+    num_reqs = runner.input_batch.num_reqs
+    generators = runner.input_batch.generators
+    rows = runner.discard_request_mask.np[:num_reqs].nonzero()[0]
+    return {int(i): generators[int(i)] for i in rows
+            if int(i) in generators and generators[int(i)].device.type == "cpu"}
+
+
+def _sample_keeps_generators(original):
+    @functools.wraps(original)
+    def _sample(self, *args, **kwargs):
+        # A discarded sample must not advance its request's generator (vLLM rewinds CUDA
+        # generators by offset in _bookkeeping_sync); a CPU generator has no offset, so keep
+        # its state from before the sample and put it back after.
+        saved = {i: gen.get_state() for i, gen in _discarded_cpu_generators(self).items()}
+        output = original(self, *args, **kwargs)
+        generators = self.input_batch.generators
+        for i, state in saved.items():
+            generators[i].set_state(state)
+        self._clasp_rewound_rows = set(saved)
+        return output
+
+    return _sample
+
+
+def _bookkeeping_skips_rewound(original):
+    @functools.wraps(original)
+    def _bookkeeping_sync(self, *args, **kwargs):
+        rewound = getattr(self, "_clasp_rewound_rows", None) or set()
+        self._clasp_rewound_rows = None
+        generators = self.input_batch.generators
+        # Hide the generators _sample already rewound from vLLM's offset rewind, which a CPU
+        # generator refuses ("CPU Generator does not use offset").
+        hidden = {i: generators.pop(i) for i in rewound if i in generators}
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            generators.update(hidden)
+
+    return _bookkeeping_sync
 
 
 RUNNER = f"{RUNNER_MODULE}:GPUModelRunner"
@@ -272,7 +319,7 @@ PATCHES = [
         host_parameters=("self", "vllm_config", "device"),
         why="the V1 drafter factory raises \"Unknown speculative decoding method\"",
         what="build the runner as for `custom_class` pointing at `ClaspProposer`, then apply "
-             "the worker fixes (6, 11)",
+             "the worker fixes (6, 11, 13, 14)",
         removal="a proposer registry consulted by the runner",
     ),
     Patch(
@@ -374,6 +421,27 @@ PATCHES = [
         what="after vLLM sets up the KV cache, bind the proposer to it: per-group block "
              "tables and metadata builders, and a start-up error for caches it cannot use",
         removal="a drafter hook called with the KV-cache config (V2's speculators get one)",
+    ),
+    Patch(
+        RUNNER, "_sample", _sample_keeps_generators, number=13, scope=Scope.CPU_WORKER,
+        host_parameters=("self", "logits", "spec_decode_metadata"),
+        why="vLLM rewinds a seeded request's generator after a sample it discards (every "
+            "prefill chunk but the last) with `set_offset`, which a CPU generator refuses: on "
+            "CPU any seeded request whose prefill is chunked kills the engine, plain decoding "
+            "too",
+        what="keep the CPU generators of the discarded rows' state before the sample and "
+             "restore it after (the rewind vLLM means)",
+        removal="vLLM rewinding CPU generators by state (a contract test checks the bug is "
+                "still there)",
+    ),
+    Patch(
+        RUNNER, "_bookkeeping_sync", _bookkeeping_skips_rewound, number=14,
+        scope=Scope.CPU_WORKER,
+        host_parameters=("self", "scheduler_output", "sampler_output", "logits",
+                         "hidden_states", "num_scheduled_tokens"),
+        why="as for 13: its `set_offset` rewind raises for CPU generators",
+        what="hide the generators patch 13 already rewound from that loop for the call",
+        removal="as for 13",
     ),
 ]
 

@@ -23,6 +23,7 @@ from vllm_clasp.core.draft_sampling import sample_draft_tokens
 from vllm_clasp.core.optimizer import SkipSearch, search_skip_sets
 from vllm_clasp.core.options import ResolvedClaspOptions
 from vllm_clasp.core.stats import ClaspStats
+from vllm_clasp.vllm.adapter_rows import AdapterRows
 from vllm_clasp.vllm.decoder_stack import DecoderStack
 from vllm_clasp.vllm.paged_rows import PagedRows
 
@@ -38,11 +39,13 @@ class SkipForward:
         self.broadcast = broadcast
         self.never_skip = torch.tensor(options.never_skip)  # [L] bool
         self.paged: PagedRows | None = None  # the runner's KV cache, bound at start-up
+        self.adapters: AdapterRows | None = None  # the runner's LoRA mapping, bound too
 
     def bind(self, runner) -> None:
         """Build the paged-cache access for this runner's KV cache (ValueError if CLaSp
         cannot draft on it); called once the runner's KV cache exists."""
         self.paged = PagedRows(runner)
+        self.adapters = AdapterRows(runner)
 
     # ------------------------------------------------------------------ DP
     def search(
@@ -53,22 +56,32 @@ class SkipForward:
     ) -> SkipSearch:
         """The DP over each row's last accepted token's trajectory, for every M in the
         configured range (rank-local: the caller chooses M and broadcasts the masks)."""
-        stack, paged = self.stack, self.paged
+        stack, paged, adapters = self.stack, self.paged, self.adapters
         last = num_tokens[batch_rows] - 2  # position of the last accepted (cached) token
         positions = torch.from_numpy(last.astype(np.int64))  # [B]
         row_index = torch.tensor(batch_rows, dtype=torch.long)  # [B]
         tokens = torch.from_numpy(token_ids[batch_rows, last].astype(np.int64))  # [B]
 
-        def run(layer: int, states: torch.Tensor, req_rows: torch.Tensor) -> torch.Tensor:
+        def run_rows(layer: int, states: torch.Tensor, req_rows: torch.Tensor) -> torch.Tensor:
             req_rows_cpu = req_rows.cpu()
+            rows = row_index[req_rows_cpu]  # [n] input-batch row of each candidate
             metadata, positions_dev, _ = paged.build(
-                row_index[req_rows_cpu], positions[req_rows_cpu], stack.attention_names[layer]
+                rows, positions[req_rows_cpu], stack.attention_names[layer]
             )
+            adapters.select(rows)
             with self._forward_context(metadata, len(req_rows_cpu), slot_mapping={}):
                 return stack.run_layer(layer, positions_dev, states)
 
+        def run(layer: int, states: torch.Tensor, req_rows: torch.Tensor) -> torch.Tensor:
+            limit = adapters.max_rows  # LoRA's metadata holds at most this many rows
+            if limit is None or len(req_rows) <= limit:
+                return run_rows(layer, states, req_rows)
+            return torch.cat([run_rows(layer, states[i:i + limit], req_rows[i:i + limit])
+                              for i in range(0, len(req_rows), limit)])
+
         # Only h_0 is given: each layer's call also carries the B trajectory rows, so the
         # full-model trajectory and the candidates share one call per layer.
+        adapters.select(row_index)
         embeddings = stack.embed(tokens.to(paged.device))  # [B, d]
         lo, hi = self.options.skip_range
         return search_skip_sets(
@@ -129,15 +142,18 @@ class SkipForward:
         generators: dict,  # input-batch row -> torch.Generator (seeded requests)
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One draft token per row: (tokens [A] int64, top-1 probs [A], q [A, V'])."""
-        stack = self.stack
+        stack, adapters = self.stack, self.adapters
         metadata, slots, plan = self._layer_plan(batch_rows, positions, keep)
+        adapters.select(batch_rows)
         stream = stack.embed(tokens)  # [A, d]
         with self._forward_context(metadata, len(batch_rows), slot_mapping=slots):
-            for layer, (sub, positions_dev) in plan.items():
+            for layer, (sub, positions_dev, rows) in plan.items():
+                adapters.select(rows)
                 if sub is None:
                     stream = stack.run_layer(layer, positions_dev, stream)
                 else:
                     stream[sub] = stack.run_layer(layer, positions_dev, stream[sub])
+        adapters.select(batch_rows)
         logits = stack.draft_logits(stack.final_norm(stream))  # [A, V']
         rows_temperature = (None if temperature is None
                             else temperature[batch_rows.to(temperature.device)])
@@ -156,8 +172,9 @@ class SkipForward:
     ):
         """Attention metadata and slots per layer, built once per distinct row subset.
 
-        Returns (metadata by layer name, slots by layer name, {layer: (rows or None, positions)})
-        in layer order; rows is None when every active row runs the layer.
+        Returns (metadata by layer name, slots by layer name, {layer: (sub, positions, rows)})
+        in layer order: sub [A'] (device) indexes the active rows that run the layer, None
+        when all do; rows [A'] (CPU) are their input-batch rows.
         """
         stack, paged = self.stack, self.paged
         layers_by_subset: dict[bytes, list[int]] = {}
@@ -174,8 +191,9 @@ class SkipForward:
             metadata.update(built)
             slots.update(built_slots)
             whole = len(sub) == len(batch_rows)
+            sub_dev = None if whole else sub.to(paged.device)
             for layer in layers:
-                plan[layer] = (None if whole else sub.to(paged.device), positions_dev)
+                plan[layer] = (sub_dev, positions_dev, batch_rows[sub])
         return metadata, slots, dict(sorted(plan.items()))
 
     def _forward_context(self, metadata, num_tokens: int, slot_mapping):
