@@ -279,6 +279,7 @@ def test_report_and_files(tmp_path):
     assert "batch size 1" in text and "batch size 4" in text
     assert "1.50x" in text and "ngram: 2/8 outputs differ" in text
     assert "clasp time split" in text
+    assert "clasp vs ngram 1.25x (tokens/s per prompt, overall)" in text
     paths = write_results(result, tmp_path / "out")
     names = {p.name for p in paths}
     assert names == {"results.json", "speedup_by_group.png", "speedup_vs_batch_size.png",
@@ -302,9 +303,10 @@ def test_demo_summary_line():
     assert text.startswith("### [qa] qa question 0\nanswer\n")
     table = text.splitlines()[-3:]
     assert "(4 prompts, batch 1, greedy)" in text
-    assert table[0].split() == ["plain", "10.0", "1.00x", "1.00", "-"]
-    assert table[1].split() == ["clasp", "15.0", "1.50x", "3.00", "4/4"]
-    assert table[2].split() == ["ngram", "12.0", "1.20x", "3.00", "3/4"]
+    # Columns: tokens/s, vs plain, clasp vs this method, tau, identical to plain.
+    assert table[0].split() == ["plain", "10.0", "1.00x", "1.50x", "1.00", "-"]
+    assert table[1].split() == ["clasp", "15.0", "1.50x", "-", "3.00", "4/4"]
+    assert table[2].split() == ["ngram", "12.0", "1.20x", "1.25x", "3.00", "3/4"]
 
 
 # --------------------------------------------------------------------------- CLI

@@ -17,7 +17,7 @@ import sys
 from vllm_clasp.tools.bench import EXIT_ERROR, EXIT_USAGE, BenchOptions, run_for_cli
 from vllm_clasp.tools.methods import parse_methods
 from vllm_clasp.tools.questions import DEFAULT_QUESTIONS, Question
-from vllm_clasp.tools.report import find_row
+from vllm_clasp.tools.report import find_row, versus
 
 BUILTIN_PROMPTS = [
     ("writing", "Write a short, friendly email inviting a colleague to lunch on Friday."),
@@ -111,13 +111,15 @@ def summary(result: dict, show: int = 2) -> str:
         lines.append("CLaSp: no results")
         return "\n".join(lines)
     prompts = rows[0][1]["num_prompts"]
-    lines.append(f"{'method':<8} {'tokens/s':>9} {'vs plain':>9} {'tau':>6} "
+    lines.append(f"{'method':<8} {'tokens/s':>9} {'vs plain':>9} {'clasp vs':>9} {'tau':>6} "
                  f"{'identical':>10}   ({prompts} prompts, batch 1, greedy)")
     for name, row in rows:
         tau = "-" if row["tau"] is None else f"{row['tau']:.2f}"
         speedup = "-" if row["speedup"] is None else f"{row['speedup']:.2f}x"
+        ratio = None if name == "clasp" else versus(result["summary"], 1, "clasp", name)
+        against = "-" if ratio is None else f"{ratio:.2f}x"
         identical = ("-" if row["identical"] is None
                      else f"{row['identical']}/{row['compared']}")
-        lines.append(f"{name:<8} {row['mean_tps']:>9.1f} {speedup:>9} {tau:>6} "
+        lines.append(f"{name:<8} {row['mean_tps']:>9.1f} {speedup:>9} {against:>9} {tau:>6} "
                      f"{identical:>10}")
     return "\n".join(lines)

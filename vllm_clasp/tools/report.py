@@ -195,6 +195,7 @@ def _batch_size_lines(rows: list[dict], categories: Sequence[str], methods: Sequ
     if not any(r["batch_size"] == bs for r in rows):
         return lines + ["(nothing measured)"]
     lines += _speed_table(rows, categories, methods, bs)
+    lines += _versus_lines(rows, methods, bs)
     lines += _throughput_lines(rows, methods, bs)
     lines += _time_split_lines(rows, categories, methods, bs)
     return lines
@@ -229,6 +230,30 @@ def _speed_table_line(rows: list[dict], bs: int, group: str, methods: Sequence[s
         if m != BASELINE:
             line += f" {_fmt(r['speedup'], '4.2f') + 'x':>5} {_fmt(r['tau'], '5.2f'):>5}"
     return f"{group:<15}{_fmt(n, '3d')}{line}"
+
+
+PEERS = ("suffix", "ngram")
+"""vLLM's own methods a user without a draft model picks today: clasp is shown against each."""
+
+
+def versus(rows: list[dict], bs: int, method: str, other: str,
+           group: str = "overall") -> float | None:
+    """mean tokens/s per prompt of `method` over that of `other` (same run, same prompts)."""
+    a, b = find_row(rows, bs, group, method), find_row(rows, bs, group, other)
+    if a is None or b is None or not a["mean_tps"] or not b["mean_tps"]:
+        return None
+    return a["mean_tps"] / b["mean_tps"]
+
+
+def _versus_lines(rows: list[dict], methods: Sequence[str], bs: int) -> list[str]:
+    """clasp against vLLM's own methods, directly (no arithmetic left to the reader)."""
+    pairs = [(peer, versus(rows, bs, "clasp", peer)) for peer in PEERS
+             if "clasp" in methods and peer in methods]
+    pairs = [(peer, ratio) for peer, ratio in pairs if ratio is not None]
+    if not pairs:
+        return []
+    return ["clasp vs " + ", vs ".join(f"{peer} {ratio:.2f}x" for peer, ratio in pairs)
+            + " (tokens/s per prompt, overall)"]
 
 
 def _throughput_lines(rows: list[dict], methods: Sequence[str], bs: int) -> list[str]:
