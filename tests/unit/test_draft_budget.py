@@ -267,19 +267,3 @@ def test_model_drafts_need_the_margin():
     assert choose_rows([0.02], 0.0, 0.0, expected=1.0, seconds=1.0, margin=1.03) == [False]
     assert choose_rows([0.05], 0.0, 0.0, expected=1.0, seconds=1.0, margin=1.03) == [True]
     assert MODEL_DRAFT_MARGIN == 1.10
-
-
-def test_probability_calibration():
-    from vllm_clasp.core.draft_budget import ProbabilityCalibration
-
-    calibration = ProbabilityCalibration()
-    assert calibration.factor("suffix") == 1.0
-    assert calibration.gains("suffix", [0.9, 0.5, 1.0]) == pytest.approx([0.9, 0.45, 0.45])
-    for _ in range(100):  # the probabilities promise twice what is accepted
-        calibration.observe("suffix", predicted=2.0, accepted=1)
-    assert calibration.factor("suffix") == pytest.approx(0.5)
-    assert calibration.gains("suffix", [0.9, 0.5]) == pytest.approx([0.45, 0.225])
-    for _ in range(500):  # accepted far more than promised: capped at 2x, gains at 1
-        calibration.observe("suffix", predicted=1.0, accepted=5)
-    assert calibration.factor("suffix") == 2.0
-    assert calibration.gains("suffix", [0.9, 0.5]) == pytest.approx([1.0, 0.9])

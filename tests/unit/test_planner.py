@@ -222,19 +222,21 @@ def test_copied_and_model_drafts_are_verified_jointly():
 # ------------------------------------------------------------------ seeds
 
 
-def test_seeded_requests_draft_by_the_fixed_policy_whatever_the_costs():
+def test_seeded_requests_draft_by_their_own_tokens_whatever_the_costs():
     """A seeded request's output depends on what is drafted for it, so measured costs must
-    not shape its drafts: its copied draft is verified in full and, without one, it always
-    gets a model draft, while unseeded requests follow the budget."""
+    not shape its drafts: its own-context copy is verified in full, it gets no model draft
+    under the budget (whether one pays is measured in time), and with the budget off it
+    drafts like every other row; unseeded requests follow the budget."""
     fixed = 0.010
     planner = planner_with(cost=(fixed, fixed))  # verifying costs a step per token
     assert step(planner) == [[], []]
     assert step(planner, seeded={0}) == [[8, 9, 5, 6, 7], []]
-    assert planner.plan(inputs(seeded={1})).model_rows == [1]
-    planner.budget.draft_ratio = 5.0  # model drafts never pay for unseeded requests
+    assert planner.plan(inputs(seeded={1})).model_rows == []
+    planner.budget.draft_ratio = 0.0  # model drafts free: unseeded rows take them
     step_inputs = inputs(seeded={1})
-    assert planner._model_rows(step_inputs, (0.05, 0.001, 0.0), [0, 1], {}, {}, 2) == [1]
-    assert planner._model_rows(step_inputs, None, [0, 1], {}, {}, 2) == [0, 1]
+    assert planner._model_rows(step_inputs, (0.05, 0.001, 0.0), [0, 1], {}, {}, 2) == [0]
+    off = planner_with(adaptive=False)
+    assert off._model_rows(step_inputs, None, [0, 1], {}, {}, 2) == [0, 1]
 
 
 # ------------------------------------------------------------------ tensor parallelism

@@ -27,6 +27,7 @@ import numpy as np
 
 from vllm_clasp.core.options import SuffixOptions
 from vllm_clasp.core.prompt_lookup import prompt_lookup
+from vllm_clasp.core.seeded_copies import SeededCopyRecord
 
 SUFFIX, NGRAM = "suffix", "ngram"
 
@@ -114,7 +115,8 @@ CopySource = NgramLookup | SuffixTrees
 
 class CopiedDrafts:
     """The copy sources a planner uses: `copy_source` for unseeded requests, n-gram lookup
-    for seeded ones (their own context only); none with copy_source "none"."""
+    for seeded ones (their own context only, while their own record says copies pay:
+    `seeded_copies`); none with copy_source "none"."""
 
     def __init__(self, options):  # a ResolvedClaspOptions
         self.source = make_copy_source(options.copy_source, options.prompt_lookup_max,
@@ -122,16 +124,22 @@ class CopiedDrafts:
         self.seeded = None if self.source is None else (
             self.source if self.source.name == NGRAM
             else NgramLookup(options.prompt_lookup_max, options.prompt_lookup_min))
+        self.seeded_record = None if self.seeded is None else SeededCopyRecord(
+            options.prompt_lookup_max, options.prompt_lookup_min)
 
     def update(self, step, rows: list[int]) -> None:
         """Feed every decoding request's new tokens to the source (suffix trees keep each
-        prompt and the responses so far). step: a planner's StepInputs."""
-        if self.source is None or self.source is self.seeded:
-            return  # n-gram lookup keeps no state
+        prompt and the responses so far; seeded requests' records replay their new tokens).
+        step: a planner's StepInputs."""
+        if self.source is None:
+            return
         for i in rows:
-            if i not in step.seeded:
-                self.source.update(step.req_ids[i], step.token_ids[i, : step.num_tokens[i]],
-                                   int(step.num_prompt_tokens[i]))
+            tokens = step.token_ids[i, : step.num_tokens[i]]
+            prompt = 0 if step.num_prompt_tokens is None else int(step.num_prompt_tokens[i])
+            if i in step.seeded:
+                self.seeded_record.update(step.req_ids[i], tokens, prompt)
+            elif self.source is not self.seeded:  # n-gram lookup keeps no state
+                self.source.update(step.req_ids[i], tokens, prompt)
 
     def find(self, step, rows: list[int]
              ) -> tuple[dict[int, np.ndarray], dict[int, str], dict[int, np.ndarray]]:
@@ -142,6 +150,9 @@ class CopiedDrafts:
             return found, source, probs
         for i in rows:
             copier = self.seeded if i in step.seeded else self.source
+            if copier is self.seeded and i in step.seeded and not self.seeded_record.pays(
+                    step.req_ids[i]):
+                continue
             draft = copier.draft(step.req_ids[i], step.token_ids[i, : step.num_tokens[i]],
                                  int(step.max_draft[i]))
             if len(draft.tokens):
@@ -152,7 +163,9 @@ class CopiedDrafts:
 
     def forget(self, req_ids: Iterable[Hashable]) -> None:
         if self.source is not None:
+            req_ids = list(req_ids)
             self.source.forget(req_ids)
+            self.seeded_record.forget(req_ids)
 
 
 def make_copy_source(kind: str, prompt_lookup_max: int, prompt_lookup_min: int,

@@ -40,7 +40,7 @@ MODEL_DRAFT_MARGIN = 1.10
 """Model drafts must promise 10 % more tokens per second than not drafting: the requests a
 comparison picks are those whose acceptance estimate is luckiest (the winner's curse), and
 on the reference CPU, with a 3 % margin, model drafts chosen as paying measured 2 % slower
-than not drafting (benchmarks.md, session 5). Where they pay (the paper: 24-70 % on GPUs with
+than not drafting (benchmarks.md, 2026-11-30). Where they pay (the paper: 24-70 % on GPUs with
 8B+ models) a 10 % margin leaves them on."""
 MAX_EXPLORE_EVERY = 1024
 """Longest interval between exploration steps of a bucket (after backing off)."""
@@ -116,34 +116,6 @@ class StepCostFit:
         beta = np.zeros(3)
         beta[columns] = solved
         return beta
-
-
-class ProbabilityCalibration:
-    """Per source: measured accepted tokens over those its token probabilities predicted
-    (exponentially weighted), so a source's probabilities can stand for acceptance."""
-
-    def __init__(self, forget: float = 0.99):
-        self.forget = forget
-        self._sums: dict[str, list[float]] = {}  # source -> [predicted, accepted]
-
-    def observe(self, source: str, predicted: float, accepted: int) -> None:
-        sums = self._sums.setdefault(source, [0.0, 0.0])
-        sums[0] = self.forget * sums[0] + predicted
-        sums[1] = self.forget * sums[1] + accepted
-
-    def factor(self, source: str) -> float:
-        """accepted / predicted, within [0.25, 2]; 1 before 8 predicted tokens."""
-        predicted, accepted = self._sums.get(source, (0.0, 0.0))
-        return 1.0 if predicted < 8 else min(max(accepted / predicted, 0.25), 2.0)
-
-    def gains(self, source: str, probs) -> list[float]:
-        """Per position, the calibrated probability that the draft is accepted up to it
-        (non-increasing): factor x the product of the token probabilities, capped at 1."""
-        factor, product, out = self.factor(source), 1.0, []
-        for p in probs:
-            product *= float(p)
-            out.append(min(factor * product, out[-1] if out else 1.0))
-        return out
 
 
 class AcceptanceRates:

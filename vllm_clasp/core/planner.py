@@ -15,9 +15,10 @@ batch), the planner decides in this order:
 Copies may be as long as K (`num_speculative_tokens`); layer-skip drafts at most
 `max_model_draft_tokens`, the lookahead KV slots their passes write.
 
-Seeded requests take the fixed policy (n-gram lookup in their own context where it repeats, a
-model draft otherwise, every token verified), whatever the budget measures: their sampled
-output depends on what is drafted for them, and a seed must pin it (docs/design.md).
+Seeded requests take a policy that depends on their own tokens only (n-gram lookup in their
+own context while their own record says copies pay, every copied token verified, no model
+drafts under the budget; `seeded_copies`): their sampled output depends on what is drafted for
+them, and a seed must pin it (docs/design.md).
 
 Under tensor parallelism every rank plans on the same inputs; each decision that depends on
 measured time is passed through `broadcast` (rank 0's value everywhere), so all ranks run the
@@ -34,10 +35,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from vllm_clasp.core.copy_calibration import CopyCalibration
 from vllm_clasp.core.copy_sources import CopiedDrafts
-from vllm_clasp.core.draft_budget import (
-    AcceptanceRates, DraftBudget, ProbabilityCalibration, expected_accepted,
-)
+from vllm_clasp.core.draft_budget import AcceptanceRates, DraftBudget, expected_accepted
 from vllm_clasp.core.optimizer import SkipSearch
 from vllm_clasp.core.options import ResolvedClaspOptions
 from vllm_clasp.core.skip_count import SkipCountChoice, SkipCountPolicy
@@ -94,7 +94,7 @@ class _Ledger:
     model_seconds: float
     verified_tokens: int  # one per row + every draft token verified
     drafted: dict[str, tuple[str, int]] = field(default_factory=dict)  # req -> (source, tokens)
-    predicted: dict[str, float] = field(default_factory=dict)  # req -> accepted its probs predict
+    copy_probs: dict[str, np.ndarray] = field(default_factory=dict)  # req -> its verified copy's q
 
     @classmethod
     def of(cls, plan: Plan, step: StepInputs, drafts: list[list[int]]) -> "_Ledger":
@@ -106,8 +106,8 @@ class _Ledger:
             drafted={step.req_ids[i]: (plan.copy_source[i] if i in copied else MODEL,
                                        len(drafts[i]))
                      for i in plan.rows if drafts[i]},
-            predicted={step.req_ids[i]: float(np.cumprod(plan.copy_probs[i][: len(d)]).sum())
-                       for i, d in copied.items() if i in plan.copy_probs},
+            copy_probs={step.req_ids[i]: plan.copy_probs[i][: len(d)]
+                        for i, d in copied.items() if i in plan.copy_probs},
         )
 
 
@@ -130,7 +130,7 @@ class StepPlanner:
         self.dp_log: deque[dict] = deque(maxlen=DP_LOG_SIZE)
         """The latest DP runs (M chosen, fit per M, layers skipped): `vllm-clasp layers`."""
         self.copies = CopiedDrafts(options)
-        self.calibration = ProbabilityCalibration()
+        self.calibration = CopyCalibration()
         self._ledger: _Ledger | None = None
 
     # ------------------------------------------------------------------ request lifetime
@@ -234,8 +234,8 @@ class StepPlanner:
             if i is not None and i < len(step.num_sampled) and step.num_sampled[i]:
                 accepted = step.num_sampled[i] - 1  # the last one is the bonus/correction
                 self.acceptance.observe(req_id, source, drafted, accepted)
-                if req_id in last.predicted:
-                    self.calibration.observe(source, last.predicted[req_id], accepted)
+                if req_id in last.copy_probs:
+                    self.calibration.observe(source, last.copy_probs[req_id], accepted)
                 if source == MODEL:
                     predicted = self.skip_counts.observe(self.tracker.choice(req_id),
                                                          drafted, accepted)
@@ -258,12 +258,14 @@ class StepPlanner:
     def _model_rows(self, step: StepInputs, cost, candidates: list[int],
                     copied: dict[int, np.ndarray], copy_source: dict[int, str],
                     num_rows: int) -> list[int]:
-        """The rows of `candidates` worth a model draft, rank 0's choice on every rank;
-        seeded rows always."""
-        seeded = [i for i in candidates if i in step.seeded]
+        """The rows of `candidates` worth a model draft, rank 0's choice on every rank.
+        Seeded rows never under the budget (whether a model draft pays is measured in time,
+        and a seed must pin the output: `seeded_copies`); with the budget off every row."""
+        if not self.budget.enabled:
+            return sorted(candidates)
         free = [i for i in candidates if i not in step.seeded]
-        if not free or not self.budget.enabled:
-            return sorted(seeded + free)
+        if not free:
+            return []
         rate = self.acceptance.rate
         gains = [expected_accepted(rate(step.req_ids[i], MODEL), self.budget.model_draft_length)
                  for i in free]
@@ -277,13 +279,13 @@ class StepPlanner:
                        + (overhead if copied else 0.0))
         chosen = self.budget.model_rows(cost, gains, expected, seconds, copies=bool(copied))
         chosen = self.broadcast(torch.tensor(chosen)).tolist()
-        return sorted(seeded + [i for i, keep in zip(free, chosen) if keep])
+        return sorted(i for i, keep in zip(free, chosen) if keep)
 
     def _trim(self, step: StepInputs, cost, candidates: dict[int, np.ndarray],
               sources: dict[int, str], probs: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
         """The prefix of each row's draft worth verifying (seeded rows: all of it); rows left
         with none are dropped. Keeps the order of `candidates`. A draft whose source gave
-        token probabilities (suffix trees) is valued by them (calibrated per source), others
+        token probabilities (suffix trees) is valued by them (`CopyCalibration`), others
         by their source's measured acceptance rate."""
         order = [i for i, draft in candidates.items() if len(draft) and i not in step.seeded]
         lengths = {i: len(draft) for i, draft in candidates.items()}
