@@ -41,9 +41,9 @@ class CopyCalibration:
     def __init__(self, prior_trials: float = PRIOR_TRIALS, forget: float = FORGET):
         self.prior_trials = prior_trials
         self.forget = forget
-        # source -> [accepted, judged, q sum] per (q bin, position cell), and per q bin
-        self._cells: dict[str, np.ndarray] = {}  # [Q, P, 3]
-        self._bins: dict[str, np.ndarray] = {}  # [Q, 3]
+        # source -> [accepted, judged] per (q bin, position cell), and per q bin
+        self._cells: dict[str, np.ndarray] = {}  # [Q, P, 2]
+        self._bins: dict[str, np.ndarray] = {}  # [Q, 2]
 
     @staticmethod
     def _q_bin(q: float) -> int:
@@ -60,14 +60,13 @@ class CopyCalibration:
         if n == 0:
             return
         cells = self._cells.setdefault(
-            source, np.zeros((len(Q_EDGES) + 1, len(POSITION_EDGES) + 1, 3)))
-        bins = self._bins.setdefault(source, np.zeros((len(Q_EDGES) + 1, 3)))
+            source, np.zeros((len(Q_EDGES) + 1, len(POSITION_EDGES) + 1, 2)))
+        bins = self._bins.setdefault(source, np.zeros((len(Q_EDGES) + 1, 2)))
         cells *= self.forget
         bins *= self.forget
         for position in range(1, min(accepted + 1, n) + 1):  # the judged positions
-            q = float(probs[position - 1])
-            trial = np.array([float(position <= accepted), 1.0, q])
-            b = self._q_bin(q)
+            trial = np.array([float(position <= accepted), 1.0])
+            b = self._q_bin(float(probs[position - 1]))
             cells[b, self._position_cell(position)] += trial
             bins[b] += trial
 
@@ -78,9 +77,9 @@ class CopyCalibration:
         bins = self._bins.get(source)
         if bins is None:
             return float(q)
-        accepted, judged, _ = bins[b]
+        accepted, judged = bins[b]
         bin_rate = (accepted + w * q) / (judged + w)
-        accepted, judged, _ = self._cells[source][b, self._position_cell(position)]
+        accepted, judged = self._cells[source][b, self._position_cell(position)]
         return float((accepted + w * bin_rate) / (judged + w))
 
     def gains(self, source: str, probs: Sequence[float]) -> list[float]:

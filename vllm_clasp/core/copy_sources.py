@@ -150,8 +150,7 @@ class CopiedDrafts:
             return found, source, probs
         for i in rows:
             copier = self.seeded if i in step.seeded else self.source
-            if copier is self.seeded and i in step.seeded and not self.seeded_record.pays(
-                    step.req_ids[i]):
+            if i in step.seeded and not self.seeded_record.pays(step.req_ids[i]):
                 continue
             draft = copier.draft(step.req_ids[i], step.token_ids[i, : step.num_tokens[i]],
                                  int(step.max_draft[i]))

@@ -29,10 +29,6 @@ class AdapterRows:
                          if self.runner is not None else None)
         """Most rows one call may run with adapters (None: no limit)."""
 
-    @property
-    def enabled(self) -> bool:
-        return self.runner is not None
-
     def select(self, batch_rows: torch.Tensor) -> None:
         """Make the LoRA layers apply each row's adapter to the next call's rows.
 

@@ -192,8 +192,9 @@ class SkipForward:
             slots.update(built_slots)
             whole = len(sub) == len(batch_rows)
             sub_dev = None if whole else sub.to(paged.device)
+            rows = batch_rows[sub]  # [A'] their input-batch rows (CPU)
             for layer in layers:
-                plan[layer] = (sub_dev, positions_dev, batch_rows[sub])
+                plan[layer] = (sub_dev, positions_dev, rows)
         return metadata, slots, dict(sorted(plan.items()))
 
     def _forward_context(self, metadata, num_tokens: int, slot_mapping):
