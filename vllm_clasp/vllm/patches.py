@@ -295,7 +295,8 @@ PATCHES = [
         host_parameters=("self", "target_model_config", "target_parallel_config"),
         why="`SpeculativeConfig.method` is a closed Literal and extra keys are forbidden",
         what="build `ClaspSpeculativeConfig` (a subclass with `clasp_*` fields) for "
-             "`method=\"clasp\"`",
+             "`method=\"clasp\"`; with LoRA and no K given, lower the default K to fit "
+             "vLLM's LoRA limit `max_num_batched_tokens >= max_num_seqs x (K + 1)`",
         removal="a speculative-method registry (RFC #36219)",
     ),
     Patch(
