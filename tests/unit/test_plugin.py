@@ -163,6 +163,7 @@ def test_register_applies_config_patches_once():
             f"{patch.owner_path}.{patch.attribute} wrapped twice"
         )
     runner_pending = patches.RUNNER_MODULE in patching._hooks
+    # Worker-scoped runner patches wait for the worker, not for the module import.
     runner_applied = all(p.applied for p in patches.PATCHES
-                         if p.module_name == patches.RUNNER_MODULE)
+                         if p.module_name == patches.RUNNER_MODULE and p.scope == patches.Scope.IMPORT)
     assert runner_pending != runner_applied
