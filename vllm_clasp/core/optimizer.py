@@ -60,6 +60,7 @@ S = [True, False, False] when EXEC wins at steps 2 and 3.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -75,8 +76,8 @@ __all__ = [
 ]
 
 RunLayer = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
-"""run_layer(layer_index, states [N, d], request_rows [N] long) -> [N, d]: decoder layer
-``layer_index`` applied to N candidate residual-stream states; row r belongs to request
+"""run_layer(layer_index, states [N, d], request_rows [N] long, on the host) -> [N, d]: decoder
+layer ``layer_index`` applied to N candidate residual-stream states; row r belongs to request
 ``request_rows[r]`` (the caller attends it to that request's context)."""
 
 
@@ -183,9 +184,26 @@ def plan_layer_calls(num_layers: int, max_skip: int, never_skip=None,
     return plan
 
 
+@functools.lru_cache(maxsize=64)
+def _cached_schedule(L: int, J: int, never: tuple[bool, ...], min_skip: int | None, device):
+    plan = plan_layer_calls(L, J, list(never), min_skip)
+    idx = [(torch.tensor(e, dtype=torch.long).to(device),
+            torch.tensor(k, dtype=torch.long).to(device)) for e, k in plan]  # ([E], [K]) long
+    return plan, idx
+
+
+def _schedule(L: int, J: int, never_skip, min_skip: int | None, device):
+    """plan_layer_calls and its index tensors on `device`, made once per distinct schedule
+    (moving them to the device per layer would be a host sync per layer on CUDA)."""
+    never = tuple(normalize_never_skip(L, never_skip).tolist())
+    return _cached_schedule(L, int(J), never, None if min_skip is None else int(min_skip),
+                            torch.device(device))
+
+
 def search_skip_sets(trajectory: torch.Tensor, run_layer: RunLayer, max_skip: int,
                      never_skip=None, min_skip: int | None = None,
-                     num_layers: int | None = None) -> SkipSearch:
+                     num_layers: int | None = None,
+                     groups: torch.Tensor | None = None) -> SkipSearch:
     """Run the CLaSp DP for B requests at once.
 
     trajectory: [L+1, B, d] full-model residual stream (pre final norm) of each request's token;
@@ -196,6 +214,14 @@ def search_skip_sets(trajectory: torch.Tensor, run_layer: RunLayer, max_skip: in
     max_skip: J, the largest skip count any request will ask for.
     min_skip: the smallest skip count any request will ask for (default J); prunes only.
     never_skip: layers that always run (None, [L] bool, or indices).
+    groups: [B] long group index per request (None: each request its own group). Requests of
+        a group share every SKIP/EXEC decision, taken on the sum of their cosines, so the
+        group gets one skip set per M: the set a batch draft pass that runs the group's rows
+        together pays for once (its cost is the union of the rows' kept layers).
+
+    Host syncs: none per layer. The static schedule's index tensors are made once per
+    (L, J, min_skip, never_skip, device); ``request_rows`` is handed to ``run_layer`` on the
+    host, so a caller that builds attention metadata from it needs no device-to-host copy.
     """
     L1, B, d = trajectory.shape
     online = L1 == 1
@@ -205,9 +231,12 @@ def search_skip_sets(trajectory: torch.Tensor, run_layer: RunLayer, max_skip: in
         L1 = num_layers + 1
     L, J = L1 - 1, int(max_skip)
     dev, dtype = trajectory.device, trajectory.dtype
-    plan = plan_layer_calls(L, J, never_skip, min_skip)  # validates J, min_skip
-    idx = [(torch.tensor(e, dtype=torch.long).to(dev), torch.tensor(k, dtype=torch.long).to(dev))
-           for e, k in plan]  # per layer: ([E], [K]) long
+    plan, idx = _schedule(L, J, never_skip, min_skip, dev)  # validates J, min_skip
+    if groups is not None:
+        groups = torch.as_tensor(groups, dtype=torch.long).to(dev)  # [B]
+        if groups.shape != (B,):
+            raise ValueError(f"groups must have shape [{B}], got {tuple(groups.shape)}")
+        num_groups = int(groups.max()) + 1 if B else 0
 
     skipped_here = torch.zeros(L, B, J + 1, dtype=torch.bool, device=dev)  # [L, B, J+1]
     final_cos = torch.full((B, J + 1), float("nan"), dtype=torch.float32, device=dev)  # [B, J+1]
@@ -219,7 +248,7 @@ def search_skip_sets(trajectory: torch.Tensor, run_layer: RunLayer, max_skip: in
     nxt = torch.zeros_like(cur)  # [B, J+1, d] g(i, .)
     cur[:, 0] = trajectory[0]
     neg_inf = torch.full((B, J + 1), float("-inf"), dtype=torch.float32, device=dev)  # [B, J+1]
-    b_rows = torch.arange(B, device=dev)  # [B]
+    b_rows = torch.arange(B)  # [B] host: request rows handed to run_layer
 
     h = trajectory[0]  # [B, d] h_{i-1} when computing online
     for i in range(1, L + 1):
@@ -246,7 +275,13 @@ def search_skip_sets(trajectory: torch.Tensor, run_layer: RunLayer, max_skip: in
         if skip_js:
             cand = cur[:, sj - 1]  # [B, K, d]
             cos_skip[:, sj] = F.cosine_similarity(cand.float(), target[:, None], dim=-1)  # [B, K]
-            take = cos_skip[:, sj] >= cos_exec[:, sj]  # [B, K] bool: SKIP wins (ties too)
+            if groups is None:
+                take = cos_skip[:, sj] >= cos_exec[:, sj]  # [B, K] bool: SKIP wins (ties too)
+            else:  # one decision per group, on its summed cosines ([G, K], then [B, K])
+                summed = torch.zeros(2, num_groups, len(skip_js), device=dev)
+                summed[0].index_add_(0, groups, cos_skip[:, sj])
+                summed[1].index_add_(0, groups, cos_exec[:, sj])
+                take = (summed[0] >= summed[1])[groups]
             nxt[:, sj] = torch.where(take[..., None], cand, nxt[:, sj])
             skipped_here[layer][:, sj] = take
         cur, nxt = nxt, cur
