@@ -49,3 +49,13 @@ def test_design_docs_patch_manifest_is_rendered_from_the_patches():
     assert manifest() in (DOCS / "design.md").read_text(), (
         "docs/design.md's patch table differs from vllm_clasp/vllm/patches.py: paste "
         "`python -c 'from vllm_clasp.vllm.patches import manifest; print(manifest())'`")
+
+
+def test_metrics_docs_list_every_counter():
+    """docs/metrics.md has one row per counter of the table that feeds the metrics."""
+    from vllm_clasp.core.stats import COUNTERS
+
+    text = (DOCS / "metrics.md").read_text()
+    documented = set(re.findall(r"^\| `(vllm:clasp_[a-z_]+)_total` \| counter", text, re.M))
+    documented.discard("vllm:clasp_layer_skipped")  # labelled by layer, not in the table
+    assert documented == {row.metric for row in COUNTERS}

@@ -31,6 +31,7 @@ ALL_KEYS = [
     "clasp_never_skip",
     "clasp_prompt_lookup_max",
     "clasp_prompt_lookup_min",
+    "clasp_share_skip_sets",
     "clasp_skip_layers",
     "clasp_skip_ratio",
     "clasp_suffix_decoding_max_cached_requests",

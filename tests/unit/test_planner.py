@@ -10,11 +10,14 @@ was chosen for) gets a fresh DP run.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from vllm_clasp.core.draft_budget import DraftBudget, choose_lengths
 from vllm_clasp.core.options import ClaspOptions
 from vllm_clasp.core.copy_sources import NGRAM as LOOKUP
+from vllm_clasp.core.optimizer import SkipSearch
+from vllm_clasp.core.stats import ClaspStats
 from vllm_clasp.core.planner import MODEL, StepInputs, StepPlanner
 
 REPEATED = [5, 6, 7, 8, 9, 5, 6, 7]  # row 0 ends in a repeat of "5 6 7"
@@ -41,10 +44,12 @@ class FixedCost(DraftBudget):
 
 
 def planner_with(cost=(0.05, 0.0), lookup: int = 3, adaptive: bool = True,
-                 copy_source: str = "ngram", **kwargs) -> StepPlanner:
+                 copy_source: str = "ngram", share: bool = True, **kwargs) -> StepPlanner:
     options = ClaspOptions(prompt_lookup_max=lookup, adaptive=adaptive, loi=16,
-                           copy_source=copy_source).resolve(num_layers=3, vocab_size=100)
+                           copy_source=copy_source, share_skip_sets=share,
+                           ).resolve(num_layers=3, vocab_size=100)
     budget = FixedCost(cost) if adaptive else None
+    kwargs.setdefault("layer_costs", [1.0] * 3)
     return StepPlanner(options, budget=budget, **kwargs)
 
 
@@ -56,6 +61,21 @@ def inputs(sampled=(1, 1), req_ids=("a", "b"), new=False, seeded=()) -> StepInpu
     )
 
 
+def search_giving(masks: torch.Tensor) -> SkipSearch:
+    """A DP result whose skip_mask at each row's own M (its mask's size) is masks [B, L]."""
+    B, L = masks.shape
+    skipped = torch.zeros(L, B, L + 1, dtype=torch.bool)  # [L, B, J+1]
+    final = torch.full((B, L + 1), float("nan"))
+    for b in range(B):
+        j = 0
+        for i in range(L):
+            if masks[b, i]:
+                j += 1
+                skipped[i, b, j] = True
+        final[b, j] = 0.9
+    return SkipSearch(skipped, final)
+
+
 def step(planner: StepPlanner, made=None, **kwargs) -> list[list[int]]:
     """One step as the adapter runs it; `made(plan)` stands in for the model's drafts."""
     step_inputs = inputs(**kwargs)
@@ -64,7 +84,10 @@ def step(planner: StepPlanner, made=None, **kwargs) -> list[list[int]]:
         return [[] for _ in step_inputs.req_ids]
     drafts = made(plan) if made else {}
     assert made or not plan.model_rows, "this test has no model to draft with"
-    return planner.finish(plan, step_inputs, drafts, 0.001)
+    if plan.model_rows:
+        planner.skip_masks(plan, step_inputs, search_giving(
+            SKIP.expand(len(plan.search_rows), -1)) if plan.search_rows else None)
+    return planner.finish(plan, step_inputs, drafts, 0.001).tokens
 
 
 # ------------------------------------------------------------------ request lifetime
@@ -73,20 +96,20 @@ def step(planner: StepPlanner, made=None, **kwargs) -> list[list[int]]:
 def test_preempted_and_finished_requests_are_forgotten():
     planner = planner_with()
     for req_id in "abc":
-        planner.tracker.update(req_id, SKIP)
+        planner.skip_sets.tracker.update(req_id, SKIP)
     planner.forget({"c"})
     planner.forget({"b"})
-    assert "a" in planner.tracker
-    assert "b" not in planner.tracker and "c" not in planner.tracker
-    assert not planner.tracker.is_due("a")
-    assert planner.tracker.is_due("b"), "a resumed request must be searched afresh"
+    assert "a" in planner.skip_sets.tracker
+    assert "b" not in planner.skip_sets.tracker and "c" not in planner.skip_sets.tracker
+    assert not planner.skip_sets.tracker.is_due("a")
+    assert planner.skip_sets.tracker.is_due("b"), "a resumed request must be searched afresh"
 
 
 def test_preempted_ids_may_be_none():
     planner = planner_with()
-    planner.tracker.update("a", SKIP)
+    planner.skip_sets.tracker.update("a", SKIP)
     planner.forget(None)
-    assert "a" in planner.tracker
+    assert "a" in planner.skip_sets.tracker
 
 
 def test_forgetting_every_request_empties_the_state_and_the_gauge():
@@ -94,10 +117,10 @@ def test_forgetting_every_request_empties_the_state_and_the_gauge():
     calls forget() so an idle engine holds (and reports) no CLaSp state."""
     planner = planner_with()
     for req_id in "ab":
-        planner.tracker.update(req_id, SKIP)
+        planner.skip_sets.tracker.update(req_id, SKIP)
     planner.stats.tracked_requests = 2
     planner.forget({"a", "b"})
-    assert len(planner.tracker) == 0
+    assert len(planner.skip_sets.tracker) == 0
     assert planner.stats.take_delta()["tracked_requests"] == 0
 
 
@@ -160,7 +183,7 @@ def test_drafts_never_exceed_the_room_each_request_has():
     plan = planner.plan(step_inputs)
     assert plan.rows == [0, 1]  # both decode (and count in the step's cost)...
     assert plan.copied[0].tolist() == [8, 9] and plan.model_rows == []  # ...row 1 drafts none
-    assert planner.finish(plan, step_inputs, {}, 0.0) == [[8, 9], []]
+    assert planner.finish(plan, step_inputs, {}, 0.0).tokens == [[8, 9], []]
     assert planner.stats.num_speculation_off_rounds == 1
 
 
@@ -188,19 +211,57 @@ def test_model_drafts_go_to_requests_worth_their_cost():
 
 
 def test_model_rows_are_searched_when_due_then_every_loi_drafting_steps():
-    planner = planner_with(lookup=0, adaptive=False)
-    planner.tracker.loi = 2
+    planner = planner_with(lookup=0, adaptive=False, share=False)
+    planner.skip_sets.tracker.loi = 2
     step_inputs = inputs()
     plan = planner.plan(step_inputs)
     assert plan.model_rows == plan.search_rows == [0, 1]  # new requests: no skip set yet
-    planner.record_search(plan, step_inputs, torch.stack([SKIP, ~SKIP]), seconds=0.01)
-    assert planner.skip_masks(plan, step_inputs).tolist() == [SKIP.tolist(), (~SKIP).tolist()]
+    assert plan.shared_rows == frozenset() and plan.search_groups is None
+    masks = planner.skip_masks(plan, step_inputs, search_giving(torch.stack([SKIP, SKIP])), 0.01)
+    assert masks.tolist() == [SKIP.tolist(), SKIP.tolist()]
     assert planner.stats.num_dp_runs == 2
     made = {0: np.array([3, 4]), 1: np.array([7])}
-    assert planner.finish(plan, step_inputs, made, 0.002) == [[3, 4], [7]]
+    assert planner.finish(plan, step_inputs, made, 0.002).tokens == [[3, 4], [7]]
     assert planner.stats.num_model_draft_rounds == 2 and planner.stats.num_model_draft_tokens == 3
     assert planner.plan(inputs(sampled=(3, 2))).search_rows == []  # 1 step since the DP
     assert planner.plan(inputs(sampled=(1, 1))).search_rows == [0, 1]  # LOI = 2 reached
+
+
+def test_a_plan_that_asks_for_a_dp_run_refuses_to_draft_without_one():
+    planner = planner_with(lookup=0, adaptive=False)
+    step_inputs = inputs()
+    plan = planner.plan(step_inputs)
+    with pytest.raises(ValueError, match="DP run"):
+        planner.skip_masks(plan, step_inputs)
+
+
+def test_requests_drafting_together_share_one_set_searched_every_loi_shared_steps():
+    """Two unseeded model rows share one set (one DP group); a seeded one keeps its own;
+    a row drafting alone uses its own set; the union metric counts the shared set once."""
+    planner = planner_with(lookup=0, adaptive=False)
+    planner.skip_sets.shared.loi = 2
+    step_inputs = inputs()
+    plan = planner.plan(step_inputs)
+    assert plan.shared_rows == {0, 1} and plan.search_rows == [0, 1]
+    assert plan.search_groups == [0, 0]
+    masks = planner.skip_masks(plan, step_inputs, search_giving(torch.stack([SKIP, SKIP])))
+    assert masks.tolist() == [SKIP.tolist()] * 2
+    assert planner.stats.num_dp_runs == 1 and len(planner.skip_sets) == 0
+    planner.finish(plan, step_inputs, {0: np.array([3]), 1: np.array([7])}, 0.001)
+    assert planner.stats.num_model_draft_steps == 1
+    assert planner.stats.draft_union_kept_layers == 2 == planner.stats.draft_mean_kept_layers
+    assert planner.plan(inputs(sampled=(2, 2))).search_rows == []  # shared set, 1 step old
+    plan = planner.plan(inputs(sampled=(1, 1), seeded={1}))  # b seeded: nobody shares
+    assert plan.shared_rows == frozenset() and plan.search_rows == [0, 1]
+    plan = planner.plan(inputs(sampled=(1, 1)))
+    assert plan.shared_rows == {0, 1} and plan.search_rows == [0, 1]  # LOI = 2 shared steps
+
+
+def test_per_request_sets_drafting_together_cost_their_union():
+    stats = ClaspStats()
+    stats.record_drafts(torch.tensor([[True, False, False, True],
+                                      [False, True, False, True]]), [2, 1], 0.01)
+    assert stats.draft_union_kept_layers == 3 and stats.draft_mean_kept_layers == 2.0
 
 
 def test_copied_and_model_drafts_are_verified_jointly():
@@ -213,10 +274,10 @@ def test_copied_and_model_drafts_are_verified_jointly():
     step_inputs = inputs()
     plan = planner.plan(step_inputs)
     assert plan.model_rows == plan.search_rows == [1] and list(plan.copied) == [0]
-    planner.record_search(plan, step_inputs, SKIP[None], seconds=0.001)
+    planner.skip_masks(plan, step_inputs, search_giving(SKIP[None]), 0.001)
     drafts = planner.finish(plan, step_inputs, {1: np.array([1, 2, 3, 4])}, 0.001)
-    assert len(drafts[1]) == 4 and len(drafts[0]) < 4
-    assert plan.copied[0].tolist() == drafts[0]
+    assert len(drafts.tokens[1]) == 4 and len(drafts.tokens[0]) < 4
+    assert drafts.copied[0].tolist() == drafts.tokens[0]
 
 
 # ------------------------------------------------------------------ seeds

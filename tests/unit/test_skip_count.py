@@ -7,6 +7,7 @@ import math
 import random
 
 import pytest
+import torch
 
 from vllm_clasp.core.skip_count import PRIOR_GAMMA, SkipCountChooser, expected_tokens
 
@@ -124,14 +125,14 @@ def test_no_reachable_m_is_an_error():
 # ------------------------------------------------------------------ in the planner
 
 
-def _planner_and_step(seeded=()):
+def _planner_and_step(seeded=(), share=False):
     import numpy as np
 
     from vllm_clasp.core.options import ClaspOptions
     from vllm_clasp.core.planner import StepInputs, StepPlanner
 
-    options = ClaspOptions(copy_source="none", adaptive=False).resolve(num_layers=10,
-                                                                       vocab_size=100)
+    options = ClaspOptions(copy_source="none", adaptive=False, share_skip_sets=share).resolve(
+        num_layers=10, vocab_size=100)
     assert options.auto_skip and options.skip_range == (1, 6) and options.num_skip == 3
     planner = StepPlanner(options, layer_costs=[1.0] * 10, head_cost=2.0)
     step = StepInputs(req_ids=["a", "b"], token_ids=np.zeros((2, 4), dtype=np.int64),
@@ -157,21 +158,34 @@ def test_planner_chooses_m_per_request_and_seeded_requests_keep_the_fixed_m():
     """Request a's fit stays high as M grows (skip more: cheaper drafts), b's collapses
     (skip little); b seeded: the fixed M = round(0.3 * 10) = 3 whatever its fit."""
     planner, step = _planner_and_step()
-    planner.skip_counts.chooser.explore_every = 0
+    sets = planner.skip_sets
+    sets.skip_counts.chooser.explore_every = 0
     high = [1.0, 0.999, 0.998, 0.997, 0.996, 0.995, 0.994]
     low = [1.0, 0.97, 0.6, 0.4, 0.3, 0.2, 0.1]
     plan = planner.plan(step)
-    masks = planner.choose_skip_sets(plan, step, _search([high, low]))
-    chosen = [c.num_skip for c in plan.skip_choices.values()]
-    assert chosen == [6, 1] and masks.sum(dim=1).tolist() == [6, 1]
-    planner.record_search(plan, step, masks, 0.01)
-    assert planner.tracker.choice("a").num_skip == 6
+    masks = planner.skip_masks(plan, step, _search([high, low]), 0.01)
+    assert masks.sum(dim=1).tolist() == [6, 1]
+    assert [sets.tracker.choice(r).num_skip for r in "ab"] == [6, 1]
     assert planner.stats.search_skip_counts == {6: 1, 1: 1}  # the histogram shows the Ms
 
     planner, step = _planner_and_step(seeded={1})
     plan = planner.plan(step)
-    planner.choose_skip_sets(plan, step, _search([high, low]))
-    assert [c.num_skip for c in plan.skip_choices.values()] == [6, 3]
+    planner.skip_masks(plan, step, _search([high, low]))
+    assert [planner.skip_sets.tracker.choice(r).num_skip for r in "ab"] == [6, 3]
+
+
+def test_planner_gives_requests_drafting_together_one_set_at_one_m():
+    """Shared: a and b draft with one set at the M chosen on their mean fit; one DP run is
+    counted and no request holds a set of its own."""
+    planner, step = _planner_and_step(share=True)
+    planner.skip_sets.skip_counts.chooser.explore_every = 0
+    high = [1.0, 0.999, 0.998, 0.997, 0.996, 0.995, 0.994]
+    low = [1.0, 0.97, 0.6, 0.4, 0.3, 0.2, 0.1]
+    plan = planner.plan(step)
+    assert plan.shared_rows == {0, 1} and plan.search_groups == [0, 0]
+    masks = planner.skip_masks(plan, step, _search([high, low]))
+    assert torch.equal(masks[0], masks[1]) and int(masks[0].sum()) == 1  # mean fit: M = 1
+    assert planner.stats.num_dp_runs == 1 and len(planner.skip_sets) == 0
 
 
 def test_planner_credits_model_drafts_to_the_calibration_and_the_prediction_counters():
@@ -179,8 +193,7 @@ def test_planner_credits_model_drafts_to_the_calibration_and_the_prediction_coun
 
     planner, step = _planner_and_step()
     plan = planner.plan(step)
-    planner.record_search(plan, step, planner.choose_skip_sets(
-        plan, step, _search([[1.0, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9]] * 2)), 0.01)
+    planner.skip_masks(plan, step, _search([[1.0, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9]] * 2), 0.01)
     planner.finish(plan, step, {0: np.array([5, 6, 7]), 1: np.array([8, 9, 10])}, 0.01)
     step.num_sampled = [4, 1]  # a: all 3 accepted (+1), b: none
     planner.plan(step)
@@ -189,4 +202,4 @@ def test_planner_credits_model_drafts_to_the_calibration_and_the_prediction_coun
     assert stats.num_model_draft_predicted_accepted_of == 3
     rate = 0.9 ** PRIOR_GAMMA
     assert stats.model_draft_predicted_accepted == pytest.approx(2 * (rate + rate ** 2 + rate ** 3))
-    assert len(planner.skip_counts.chooser._seen) == 2
+    assert len(planner.skip_sets.skip_counts.chooser._seen) == 2

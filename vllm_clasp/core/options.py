@@ -118,6 +118,12 @@ class ClaspOptions:
     """Make model drafts, and verify draft tokens, only where measured costs and acceptance
     say they pay (vllm_clasp.core.draft_budget). False drafts on every step and verifies every
     draft token."""
+    share_skip_sets: bool = True
+    """When several unseeded requests draft with the layer-skipped model in one step, they
+    draft with one skip set, chosen by one DP over their summed fit and re-chosen every LOI
+    such steps: a batch draft pass reads each kept layer once for all rows that keep it, so
+    it costs the union of the rows' kept layers, and separate sets would keep almost every
+    layer between them. False: every request its own set (the paper's DP, per request)."""
 
     def __post_init__(self) -> None:
         if self.skip_layers is not None and self.skip_ratio is not None:
@@ -150,8 +156,10 @@ class ClaspOptions:
         _check_int("clasp_draft_vocab_size", self.draft_vocab_size, low=0, allow_none=True)
         _check_int("clasp_max_model_draft_tokens", self.max_model_draft_tokens, low=0,
                    allow_none=True)
-        if not isinstance(self.adaptive, bool):
-            raise ValueError(f"clasp_adaptive must be true or false, got {self.adaptive!r}")
+        for key in ("adaptive", "share_skip_sets"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"clasp_{key} must be true or false, "
+                                 f"got {getattr(self, key)!r}")
         _check_copy_knobs(self)
 
     @classmethod
@@ -236,6 +244,7 @@ class ClaspOptions:
                 min_token_prob=float(self.suffix_decoding_min_token_prob),
             ),
             adaptive=self.adaptive,
+            share_skip_sets=self.share_skip_sets,
         )
 
 
@@ -260,6 +269,7 @@ class ResolvedClaspOptions:
     prompt_lookup_min: int
     suffix: "SuffixOptions"
     adaptive: bool
+    share_skip_sets: bool = True
 
 
 @dataclass(frozen=True)

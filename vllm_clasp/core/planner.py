@@ -8,9 +8,13 @@ batch), the planner decides in this order:
 2. copied drafts (free to make; `copy_sources`: suffix trees over prompts and past responses,
    or n-gram lookup in the request's own context), each trimmed to the prefix worth verifying;
 3. which of the other rows get a layer-skipped model draft (`DraftBudget.model_rows`), and
-   which of those are due for a DP run (`SkipSetTracker`);
-4. after the caller ran the DP and the draft passes (`record_search`, `finish`): how much of
-   every draft to verify, jointly, since they share the verification step.
+   which of those are due for a DP run (`SkipSets`: per-request or shared skip sets);
+4. after the caller ran the DP and the draft passes: how much of every draft to verify,
+   jointly, since they share the verification step.
+
+The caller makes three calls per step: `plan` (a `Plan`, never changed afterwards),
+`skip_masks` (with the DP's result when the plan asked for one) and `finish` (the drafts to
+verify).
 
 Copies may be as long as K (`num_speculative_tokens`); layer-skip drafts at most
 `max_model_draft_tokens`, the lookahead KV slots their passes write.
@@ -28,7 +32,6 @@ same layers. With one rank `broadcast` is the identity.
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -40,15 +43,14 @@ from vllm_clasp.core.copy_sources import CopiedDrafts
 from vllm_clasp.core.draft_budget import AcceptanceRates, DraftBudget, expected_accepted
 from vllm_clasp.core.optimizer import SkipSearch
 from vllm_clasp.core.options import ResolvedClaspOptions
-from vllm_clasp.core.skip_count import SkipCountChoice, SkipCountPolicy
-from vllm_clasp.core.skip_state import SkipSetTracker
+from vllm_clasp.core.skip_count import SkipCountChoice
+from vllm_clasp.core.skip_sets import SkipSets
 from vllm_clasp.core.stats import ClaspStats
 
 MODEL = "model"
 """Draft sources, each with its own acceptance rates: MODEL and the copy sources' names."""
 
 Broadcast = Callable[[torch.Tensor], torch.Tensor]
-DP_LOG_SIZE = 4096
 
 
 def _identity(tensor: torch.Tensor) -> torch.Tensor:
@@ -69,20 +71,32 @@ class StepInputs:
     has_prefill: bool = False  # a new request's prefill ran in the step just verified
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
-    """The planner's decisions for one step before any model work."""
+    """The planner's decisions for one step before any model work (not changed afterwards)."""
 
     rows: list[int]  # rows that decode this step (each verifies at least its own token)
-    copied: dict[int, np.ndarray]  # row -> copied draft worth verifying
+    copied: dict[int, np.ndarray]  # row -> copied draft worth verifying (before model drafts)
     copy_source: dict[int, str]  # row -> the source of its copy
     copy_probs: dict[int, np.ndarray]  # row -> its source's probability per copied token
     model_rows: list[int]  # rows to draft with the layer-skipped model (ascending)
     search_rows: list[int]  # of model_rows: due for a DP run before drafting
     cost: tuple[float, float, float] | None  # (fixed, per token, overhead); None: verify all
+    shared_rows: frozenset[int] = frozenset()  # of model_rows: drafting with the shared set
     started: float = 0.0  # clock() when planning started
-    model_seconds: float = 0.0  # DP + drafting time, added by record_search / finish
-    skip_choices: dict[int, SkipCountChoice] = field(default_factory=dict)  # row -> M chosen
+
+    @property
+    def search_groups(self) -> list[int] | None:
+        """[len(search_rows)] DP group per searched row (`SkipSets.groups`); None: no sharing."""
+        return SkipSets.groups(self.search_rows, self.shared_rows)
+
+
+@dataclass(frozen=True)
+class Drafts:
+    """What `finish` decided: the tokens each row verifies."""
+
+    tokens: list[list[int]]  # [n] per input-batch row (empty: verifies its own token only)
+    copied: dict[int, np.ndarray]  # rows whose draft is a copy (q is a point mass there)
 
 
 @dataclass
@@ -95,19 +109,23 @@ class _Ledger:
     verified_tokens: int  # one per row + every draft token verified
     drafted: dict[str, tuple[str, int]] = field(default_factory=dict)  # req -> (source, tokens)
     copy_probs: dict[str, np.ndarray] = field(default_factory=dict)  # req -> its verified copy's q
+    choices: dict[str, SkipCountChoice | None] = field(default_factory=dict)  # req -> its M's
 
     @classmethod
-    def of(cls, plan: Plan, step: StepInputs, drafts: list[list[int]]) -> "_Ledger":
-        """What `plan` verifies, once its drafts are final (plan.copied: the kept copies)."""
-        copied = plan.copied
+    def of(cls, plan: Plan, step: StepInputs, drafts: Drafts, model_seconds: float,
+           choices: dict[int, SkipCountChoice | None]) -> "_Ledger":
+        """What `plan` verifies, once its drafts are final; choices: model row -> how the
+        M of the set it drafted with was chosen."""
+        tokens, copied = drafts.tokens, drafts.copied
         return cls(
-            batch_size=len(plan.rows), started=plan.started, model_seconds=plan.model_seconds,
-            verified_tokens=len(plan.rows) + sum(len(drafts[i]) for i in plan.rows),
+            batch_size=len(plan.rows), started=plan.started, model_seconds=model_seconds,
+            verified_tokens=len(plan.rows) + sum(len(tokens[i]) for i in plan.rows),
             drafted={step.req_ids[i]: (plan.copy_source[i] if i in copied else MODEL,
-                                       len(drafts[i]))
-                     for i in plan.rows if drafts[i]},
+                                       len(tokens[i]))
+                     for i in plan.rows if tokens[i]},
             copy_probs={step.req_ids[i]: plan.copy_probs[i][: len(d)]
                         for i, d in copied.items() if i in plan.copy_probs},
+            choices={step.req_ids[i]: choice for i, choice in choices.items()},
         )
 
 
@@ -122,27 +140,24 @@ class StepPlanner:
         self.stats = stats if stats is not None else ClaspStats()
         self.broadcast = broadcast
         self.clock = clock
-        self.tracker = SkipSetTracker(options.loi)
+        self.skip_sets = SkipSets(options, self.stats, layer_costs, head_cost)
         self.acceptance = AcceptanceRates()
         self.budget = budget or DraftBudget(enabled=options.adaptive, loi=options.loi)
-        self.skip_counts = SkipCountPolicy(options.num_skip, options.auto_skip,
-                                           options.skip_range, layer_costs, head_cost)
-        self.dp_log: deque[dict] = deque(maxlen=DP_LOG_SIZE)
-        """The latest DP runs (M chosen, fit per M, layers skipped): `vllm-clasp layers`."""
         self.copies = CopiedDrafts(options)
         self.calibration = CopyCalibration()
         self._ledger: _Ledger | None = None
+        self._model_seconds = 0.0  # the current step's DP and drafting time
 
     # ------------------------------------------------------------------ request lifetime
     def forget(self, req_ids: Iterable[str] | None) -> None:
         """Drop finished or preempted requests' state (a resumed request is searched anew)."""
         req_ids = list(req_ids or ())
-        self.tracker.drop(req_ids)
+        self.skip_sets.forget(req_ids)
         self.acceptance.drop(req_ids)
         self.copies.forget(req_ids)
-        self.stats.tracked_requests = len(self.tracker)
+        self.stats.tracked_requests = len(self.skip_sets)
 
-    # ------------------------------------------------------------------ planning
+    # ------------------------------------------------------------------ the three calls
     def plan(self, step: StepInputs) -> Plan | None:
         """Credit the last plan, then decide lookups and model rows; None: nobody decodes."""
         rows = [i for i, n in enumerate(step.num_sampled[: len(step.req_ids)]) if n]
@@ -150,6 +165,7 @@ class StepPlanner:
         if not rows:
             return None
         started = self.clock()
+        self._model_seconds = 0.0
         cost = self._step_cost(len(rows))
         self.copies.update(step, rows)
         may_draft = [i for i in rows if step.max_draft[i] > 0]  # room left to draft
@@ -159,68 +175,65 @@ class StepPlanner:
         candidates = ([i for i in may_draft if i not in copied]
                       if self.options.max_model_draft_tokens else [])
         model_rows = self._model_rows(step, cost, candidates, copied, copy_source, len(rows))
-        # LOI counts the steps a request drafted with its skip set; steps without model drafts
-        # would otherwise make every occasional model draft pay for a DP run.
-        self.tracker.record_verification(step.req_ids[i] for i in model_rows)
-        search_rows = [i for i in model_rows if self.tracker.is_due(step.req_ids[i])]
-        return Plan(rows, copied, copy_source, probs, model_rows, search_rows, cost, started)
+        search_rows, shared_rows = self.skip_sets.due(step.req_ids, model_rows, step.seeded)
+        return Plan(rows, copied, copy_source, probs, model_rows, search_rows, cost,
+                    shared_rows, started)
 
-    def choose_skip_sets(self, plan: Plan, step: StepInputs, search: SkipSearch
-                         ) -> torch.Tensor:
-        """[len(plan.search_rows), L] bool, rank 0's on every rank: each searched row's skip
-        set at the M chosen for it from the DP's table (`SkipCountPolicy`)."""
-        choices = self.skip_counts.choose(
-            search.final_cosine.cpu(), [i in step.seeded for i in plan.search_rows],
-            self.budget.draft_ratio, self.budget.model_draft_length, plan.cost)
-        plan.skip_choices = dict(zip(plan.search_rows, choices))
-        masks = search.skip_mask(torch.tensor([c.num_skip for c in choices],
-                                              device=search.final_cosine.device))
-        return self.broadcast(masks.cpu())
-
-    def record_search(self, plan: Plan, step: StepInputs, masks: torch.Tensor,
-                      seconds: float) -> None:
-        """The DP chose `masks` [len(plan.search_rows), L] bool for plan.search_rows."""
-        changed = []
-        for i, mask in zip(plan.search_rows, masks):
-            choice = plan.skip_choices.get(i)
-            changed.append(self.tracker.update(step.req_ids[i], mask, choice))
-            self.dp_log.append({"m": int(mask.sum()), "layers": mask.nonzero()[:, 0].tolist(),
-                                "cosines": list(choice.cosines) if choice else []})
-        self.stats.record_search(masks, changed, seconds)
-        self.budget.observe_search(len(plan.search_rows), seconds)
-        plan.model_seconds += seconds
-
-    def skip_masks(self, plan: Plan, step: StepInputs) -> torch.Tensor:
-        """[len(plan.model_rows), L] bool: each model row's skip set."""
-        return torch.stack([self.tracker.skip_mask(step.req_ids[i]) for i in plan.model_rows])
+    def skip_masks(self, plan: Plan, step: StepInputs, search: SkipSearch | None = None,
+                   search_seconds: float = 0.0) -> torch.Tensor:
+        """[len(plan.model_rows), L] bool: the set each model row drafts with. `search`:
+        the DP's result for plan.search_rows (run in `search_seconds`), which is required
+        when the plan asked for one: each searched set is chosen at its M from the DP's
+        table (rank 0's choice on every rank) and stored first."""
+        if plan.search_rows:
+            if search is None:
+                raise ValueError("this plan asks for a DP run over its search_rows first")
+            started = self.clock()
+            masks, choices = self.skip_sets.choose(
+                plan.search_rows, plan.shared_rows, step.seeded, search,
+                self.budget.draft_ratio, self.budget.model_draft_length, plan.cost)
+            masks = self.broadcast(masks)
+            seconds = search_seconds + self.clock() - started
+            self.skip_sets.record(step.req_ids, plan.search_rows, plan.shared_rows, masks,
+                                  choices, seconds)
+            self.budget.observe_search(len(plan.search_rows), seconds)
+            self._model_seconds += seconds
+        return self.skip_sets.masks(step.req_ids, plan.model_rows, plan.shared_rows)
 
     def finish(self, plan: Plan, step: StepInputs, made: dict[int, np.ndarray],
-               seconds: float) -> list[list[int]]:
-        """Per row of the batch, the draft tokens to verify. `made`: row -> the model's draft
-        (for plan.model_rows, drafted in `seconds`); verified jointly with the copies."""
+               seconds: float) -> Drafts:
+        """The draft tokens each row verifies. `made`: row -> the model's draft (for
+        plan.model_rows, drafted in `seconds`); verified jointly with the copies."""
         copied = plan.copied
+        choices = {}
         if made:
+            choices = self.skip_sets.drafted(step.req_ids, plan.model_rows, plan.shared_rows)
             lengths = [len(made[i]) for i in plan.model_rows]
-            for i in plan.model_rows:
-                self.skip_counts.drafted_with(self.tracker.choice(step.req_ids[i]))
-            self.stats.record_drafts(self.skip_masks(plan, step), lengths, seconds)
+            self.stats.record_drafts(
+                self.skip_sets.masks(step.req_ids, plan.model_rows, plan.shared_rows),
+                lengths, seconds)
             self.budget.observe_model(len(plan.rows), lengths, seconds)
-            plan.model_seconds += seconds
+            self._model_seconds += seconds
             kept = self._trim(step, plan.cost, {**copied, **made},
                               {**plan.copy_source, **dict.fromkeys(made, MODEL)},
                               plan.copy_probs)
             copied = {i: kept[i] for i in copied if i in kept}
             made = {i: kept[i] for i in made if i in kept}
-        plan.copied = copied  # what was kept: the caller hands q = a point mass for these
-        drafts: list[list[int]] = [[] for _ in step.req_ids]
+        tokens: list[list[int]] = [[] for _ in step.req_ids]
         for i, draft in [*copied.items(), *made.items()]:
-            drafts[i] = draft.tolist()
+            tokens[i] = draft.tolist()
+        drafts = Drafts(tokens, copied)
         self.stats.record_copies(len(copied), sum(len(d) for d in copied.values()))
-        undrafted = sum(1 for i in plan.rows if not drafts[i])
+        undrafted = sum(1 for i in plan.rows if not tokens[i])
         if undrafted:
             self.stats.record_undrafted(undrafted, whole_step=undrafted == len(plan.rows))
-        self._ledger = _Ledger.of(plan, step, drafts)
+        self._ledger = _Ledger.of(plan, step, drafts, self._model_seconds, choices)
         return drafts
+
+    @property
+    def model_seconds(self) -> float:
+        """The last planned step's DP and drafting time."""
+        return self._model_seconds
 
     # ------------------------------------------------------------------ the decisions
     def _credit(self, step: StepInputs, num_rows: int) -> None:
@@ -237,8 +250,8 @@ class StepPlanner:
                 if req_id in last.copy_probs:
                     self.calibration.observe(source, last.copy_probs[req_id], accepted)
                 if source == MODEL:
-                    predicted = self.skip_counts.observe(self.tracker.choice(req_id),
-                                                         drafted, accepted)
+                    predicted = self.skip_sets.observe(last.choices.get(req_id),
+                                                       drafted, accepted)
                     self.stats.record_model_acceptance(drafted, accepted, predicted)
         if step.has_prefill or num_rows != last.batch_size:
             return  # a prefill in the step, or a changed batch, would distort its time

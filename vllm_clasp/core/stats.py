@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -24,53 +24,89 @@ logger = logging.getLogger("vllm.clasp")
 LOG_INTERVAL_S = 10.0
 
 
-@dataclass
+@dataclass(frozen=True)
+class CounterRow:
+    key: str  # the attribute of ClaspStats and the key of as_dict() / take_delta()
+    metric: str  # the Prometheus counter (`_total` appended by prometheus_client)
+    help: str
+
+
+COUNTERS = (
+    CounterRow("num_dp_runs", "vllm:clasp_dp_runs",
+               "Skip sets CLaSp's DP (re)computed: one per request, or one for the set "
+               "requests drafting together share, per run."),
+    CounterRow("num_dp_batches", "vllm:clasp_dp_batches",
+               "Batched DP invocations (the due requests of one step share one)."),
+    CounterRow("search_time_s", "vllm:clasp_dp_seconds", "Wall time spent in the DP, in seconds."),
+    CounterRow("draft_time_s", "vllm:clasp_draft_seconds",
+               "Wall time spent drafting with the layer-skipped model, in seconds."),
+    CounterRow("planning_time_s", "vllm:clasp_planning_seconds",
+               "Wall time of CLaSp's per-step bookkeeping (planning, copied drafts), DP and "
+               "drafting excluded, in seconds."),
+    CounterRow("num_model_draft_rounds", "vllm:clasp_model_draft_rounds",
+               "Request x verification steps drafted by the layer-skipped model."),
+    CounterRow("num_model_draft_tokens", "vllm:clasp_model_draft_tokens",
+               "Tokens drafted by the layer-skipped model."),
+    CounterRow("num_model_draft_accepted_tokens", "vllm:clasp_model_draft_accepted_tokens",
+               "Tokens drafted by the layer-skipped model and accepted by verification."),
+    CounterRow("num_model_draft_steps", "vllm:clasp_model_draft_steps",
+               "Verification steps with at least one layer-skipped model draft."),
+    CounterRow("draft_union_kept_layers", "vllm:clasp_draft_union_kept_layers",
+               "Per step with model drafts, the decoder layers kept by at least one drafting "
+               "request, summed: a batch draft pass reads each such layer once, so it costs "
+               "this union (divide by clasp_model_draft_steps for the mean)."),
+    CounterRow("draft_mean_kept_layers", "vllm:clasp_draft_mean_kept_layers",
+               "Per step with model drafts, the mean number of layers a drafting request "
+               "keeps, summed (compare with clasp_draft_union_kept_layers)."),
+    CounterRow("model_draft_predicted_accepted", "vllm:clasp_auto_skip_predicted_accepted_tokens",
+               "Accepted model-draft tokens predicted when M was chosen (clasp_skip_layers auto)."),
+    CounterRow("num_model_draft_predicted_accepted_of",
+               "vllm:clasp_auto_skip_measured_accepted_tokens",
+               "Accepted tokens of the same drafts, measured: compare with the prediction."),
+    CounterRow("num_copy_draft_rounds", "vllm:clasp_copy_draft_rounds",
+               "Request x verification steps drafted by copying (suffix trees or n-gram "
+               "lookup; clasp_copy_source)."),
+    CounterRow("num_copy_draft_tokens", "vllm:clasp_copy_draft_tokens",
+               "Tokens drafted by copying."),
+    CounterRow("num_threshold_exits", "vllm:clasp_threshold_exits",
+               "Drafts cut short because the draft's top-1 probability fell under the "
+               "threshold."),
+    CounterRow("num_speculation_off_steps", "vllm:clasp_speculation_off_steps",
+               "Steps that verified no draft token (nothing to draft, or nothing measured "
+               "worth it)."),
+    CounterRow("num_speculation_off_rounds", "vllm:clasp_speculation_off_rounds",
+               "Request x verification steps without a draft."),
+    CounterRow("num_unverified_draft_tokens", "vllm:clasp_unverified_draft_tokens",
+               "Draft tokens left unverified because measured costs and acceptance said they "
+               "would not pay for their verification (clasp_adaptive)."),
+    CounterRow("num_reoptimizations", "vllm:clasp_reoptimizations",
+               "DP runs for skip sets that already existed (every LOI drafting steps)."),
+    CounterRow("num_skip_set_changes", "vllm:clasp_skip_set_changes",
+               "Re-optimisations that changed the skip set."),
+    CounterRow("num_skip_set_changed_layers", "vllm:clasp_skip_set_changed_layers",
+               "Layers entering or leaving skip sets at re-optimisations (|old XOR new|, "
+               "summed)."),
+)
+"""Every counter CLaSp keeps: ClaspStats' attributes, as_dict()'s keys and the Prometheus
+counters (`vllm.metrics`) all come from this table."""
+
+HISTOGRAMS = ("skipped_layers", "layer_skips", "search_skip_counts")
+"""Counts by value: layers skipped per drafting request, DP runs skipping each layer, layers
+skipped per DP run."""
+
+
 class ClaspStats:
-    num_dp_runs: int = 0
-    """DP runs (one per request re-optimisation)."""
-    num_dp_batches: int = 0
-    """Batched DP invocations (several requests share one)."""
-    search_time_s: float = 0.0
-    num_model_draft_rounds: int = 0
-    """Requests x verification steps that drafted."""
-    num_model_draft_tokens: int = 0
-    draft_time_s: float = 0.0
-    planning_time_s: float = 0.0
-    """The proposer's own bookkeeping (planning, copy sources, q), DP and drafting excluded."""
-    num_model_draft_accepted_tokens: int = 0
-    """Model-draft tokens accepted by verification."""
-    model_draft_predicted_accepted: float = 0.0
-    """Accepted tokens the choice of M predicted for its drafts ("auto" only)."""
-    num_model_draft_predicted_accepted_of: int = 0
-    """Accepted tokens of those same drafts: compare with the prediction."""
-    num_threshold_exits: int = 0
-    """Draft steps whose top-1 probability fell under the draft-exit threshold."""
-    num_copy_draft_rounds: int = 0
-    """Requests x verification steps that drafted by copying (suffix trees or n-gram lookup)."""
-    num_copy_draft_tokens: int = 0
-    num_speculation_off_steps: int = 0
-    """Steps that verified no draft token (no drafts, or none measured worth verifying)."""
-    num_speculation_off_rounds: int = 0
-    """Requests x verification steps without a draft."""
-    num_unverified_draft_tokens: int = 0
-    """Candidate draft tokens left unverified because the cost model measured them not worth
-    their verification (adaptive only)."""
-    skipped_layers: Counter = field(default_factory=Counter)
-    """Distribution of the number of skipped layers per drafting request."""
-    num_skip_set_changes: int = 0
-    """Re-optimisations (DP runs for a request that had a skip set) that changed the set."""
-    num_reoptimizations: int = 0
-    """DP runs for a request that already had a skip set."""
-    num_skip_set_changed_layers: int = 0
-    """Sum over re-optimisations of |old skip set XOR new skip set|."""
-    layer_skips: Counter = field(default_factory=Counter)
-    """Per layer index: DP runs that chose to skip it."""
-    search_skip_counts: Counter = field(default_factory=Counter)
-    """Distribution of the number of skipped layers per DP run."""
-    tracked_requests: int = 0
-    """Requests whose skip set the proposer currently holds (a gauge)."""
-    _reported: dict = field(default_factory=dict, repr=False)
-    _last_log: float = field(default_factory=time.monotonic, repr=False)
+    """The worker's counters (COUNTERS, HISTOGRAMS) and the `tracked_requests` gauge."""
+
+    def __init__(self):
+        for row in COUNTERS:
+            setattr(self, row.key, 0)  # ints; seconds and means become floats when added
+        self.skipped_layers: Counter = Counter()
+        self.layer_skips: Counter = Counter()
+        self.search_skip_counts: Counter = Counter()
+        self.tracked_requests = 0
+        self._reported: dict = {}
+        self._last_log = time.monotonic()
 
     def record_search(self, masks: torch.Tensor, changed: list[int | None],
                       seconds: float) -> None:  # masks: [B, L] bool, the sets chosen
@@ -97,6 +133,11 @@ class ClaspStats:
         self.num_model_draft_tokens += sum(lengths)
         self.draft_time_s += seconds
         self.skipped_layers.update(skip.sum(dim=1).tolist())
+        if len(lengths):
+            keep = ~skip  # [R, L]
+            self.num_model_draft_steps += 1
+            self.draft_union_kept_layers += int(keep.any(dim=0).sum())
+            self.draft_mean_kept_layers += float(keep.sum(dim=1).float().mean())
 
     def record_model_acceptance(self, drafted: int, accepted: int, predicted: float) -> None:
         self.num_model_draft_accepted_tokens += accepted
@@ -118,30 +159,8 @@ class ClaspStats:
         self.num_threshold_exits += count
 
     def as_dict(self) -> dict:
-        return {
-            "num_dp_runs": self.num_dp_runs,
-            "num_dp_batches": self.num_dp_batches,
-            "search_time_s": self.search_time_s,
-            "num_model_draft_rounds": self.num_model_draft_rounds,
-            "num_model_draft_tokens": self.num_model_draft_tokens,
-            "draft_time_s": self.draft_time_s,
-            "planning_time_s": self.planning_time_s,
-            "num_threshold_exits": self.num_threshold_exits,
-            "num_model_draft_accepted_tokens": self.num_model_draft_accepted_tokens,
-            "model_draft_predicted_accepted": self.model_draft_predicted_accepted,
-            "num_model_draft_predicted_accepted_of": self.num_model_draft_predicted_accepted_of,
-            "num_copy_draft_rounds": self.num_copy_draft_rounds,
-            "num_copy_draft_tokens": self.num_copy_draft_tokens,
-            "num_speculation_off_steps": self.num_speculation_off_steps,
-            "num_speculation_off_rounds": self.num_speculation_off_rounds,
-            "num_unverified_draft_tokens": self.num_unverified_draft_tokens,
-            "skipped_layers": dict(self.skipped_layers),
-            "num_skip_set_changes": self.num_skip_set_changes,
-            "num_reoptimizations": self.num_reoptimizations,
-            "num_skip_set_changed_layers": self.num_skip_set_changed_layers,
-            "layer_skips": dict(self.layer_skips),
-            "search_skip_counts": dict(self.search_skip_counts),
-        }
+        return {**{row.key: getattr(self, row.key) for row in COUNTERS},
+                **{key: dict(getattr(self, key)) for key in HISTOGRAMS}}
 
     def take_delta(self) -> dict:
         """What changed since the last call: counters as differences, histograms as

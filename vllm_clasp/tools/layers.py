@@ -37,10 +37,10 @@ def _read_dp_log(worker) -> dict:
     """Runs in the worker (collective_rpc): the DP runs since the last call (then cleared)
     and the cumulative measured acceptance per M."""
     planner = worker.model_runner.drafter.planner
-    runs = list(planner.dp_log)
-    planner.dp_log.clear()
+    runs = list(planner.skip_sets.dp_log)
+    planner.skip_sets.dp_log.clear()
     return {"runs": runs, "acceptance_by_m": {
-        int(m): list(v) for m, v in planner.skip_counts.acceptance_by_m.items()}}
+        int(m): list(v) for m, v in planner.skip_sets.skip_counts.acceptance_by_m.items()}}
 
 
 # --------------------------------------------------------------------------- arithmetic

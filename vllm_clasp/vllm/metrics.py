@@ -13,53 +13,11 @@ import threading
 
 from vllm.v1.metrics.loggers import StatLoggerBase
 
+from vllm_clasp.core.stats import COUNTERS  # (key, metric, help) per counter
+
 logger = logging.getLogger("vllm.clasp")
 
 LABELS = ("model_name", "engine")
-
-# (delta key, metric name, help); Prometheus appends `_total` to counters.
-COUNTERS = (
-    ("num_dp_runs", "vllm:clasp_dp_runs",
-     "Requests whose skip set CLaSp's DP (re)computed (one per request and run)."),
-    ("num_dp_batches", "vllm:clasp_dp_batches",
-     "Batched DP invocations (the due requests of one step share one)."),
-    ("search_time_s", "vllm:clasp_dp_seconds", "Wall time spent in the DP, in seconds."),
-    ("draft_time_s", "vllm:clasp_draft_seconds",
-     "Wall time spent drafting with the layer-skipped model, in seconds."),
-    ("planning_time_s", "vllm:clasp_planning_seconds",
-     "Wall time of CLaSp's per-step bookkeeping (planning, copied drafts), DP and drafting "
-     "excluded, in seconds."),
-    ("num_model_draft_rounds", "vllm:clasp_model_draft_rounds",
-     "Request x verification steps drafted by the layer-skipped model."),
-    ("num_model_draft_tokens", "vllm:clasp_model_draft_tokens",
-     "Tokens drafted by the layer-skipped model."),
-    ("num_model_draft_accepted_tokens", "vllm:clasp_model_draft_accepted_tokens",
-     "Tokens drafted by the layer-skipped model and accepted by verification."),
-    ("model_draft_predicted_accepted", "vllm:clasp_auto_skip_predicted_accepted_tokens",
-     "Accepted model-draft tokens predicted when M was chosen (clasp_skip_layers auto)."),
-    ("num_model_draft_predicted_accepted_of", "vllm:clasp_auto_skip_measured_accepted_tokens",
-     "Accepted tokens of the same drafts, measured: compare with the prediction."),
-    ("num_copy_draft_rounds", "vllm:clasp_copy_draft_rounds",
-     "Request x verification steps drafted by copying (suffix trees or n-gram lookup; clasp_copy_source)."),
-    ("num_copy_draft_tokens", "vllm:clasp_copy_draft_tokens",
-     "Tokens drafted by copying."),
-    ("num_threshold_exits", "vllm:clasp_threshold_exits",
-     "Drafts cut short because the draft's top-1 probability fell under the threshold."),
-    ("num_speculation_off_steps", "vllm:clasp_speculation_off_steps",
-     "Steps that verified no draft token (nothing to draft, or nothing measured worth it)."),
-    ("num_speculation_off_rounds", "vllm:clasp_speculation_off_rounds",
-     "Request x verification steps without a draft."),
-    ("num_unverified_draft_tokens", "vllm:clasp_unverified_draft_tokens",
-     "Draft tokens left unverified because measured costs and acceptance said they would"
-     " not pay for their verification (clasp_adaptive)."),
-    ("num_reoptimizations", "vllm:clasp_reoptimizations",
-     "DP runs for requests that already had a skip set (every LOI drafting steps)."),
-    ("num_skip_set_changes", "vllm:clasp_skip_set_changes",
-     "Re-optimisations that changed the request's skip set."),
-    ("num_skip_set_changed_layers", "vllm:clasp_skip_set_changed_layers",
-     "Layers entering or leaving skip sets at re-optimisations (|old XOR new|, summed)."),
-)
-
 
 class _Collectors:
     """Process-wide Prometheus collectors (several engines share them through labels)."""
@@ -71,8 +29,8 @@ class _Collectors:
         from prometheus_client import Counter, Gauge, Histogram
 
         self.counters = {
-            key: Counter(name, doc, labelnames=LABELS, registry=None)
-            for key, name, doc in COUNTERS
+            row.key: Counter(row.metric, row.help, labelnames=LABELS, registry=None)
+            for row in COUNTERS
         }
         self.layer_skips = Counter(
             "vllm:clasp_layer_skipped", "DP runs that chose to skip this decoder layer.",

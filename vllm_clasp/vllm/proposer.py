@@ -114,7 +114,7 @@ class ClaspProposer:
         drafts, draft_probs, model_seconds = self._propose(runner, scheduler_output,
                                                            sampled_token_ids)
         self.stats.record_planning(time.perf_counter() - started - model_seconds)
-        self.stats.maybe_log(len(self.planner.tracker))
+        self.stats.maybe_log(len(self.planner.skip_sets))
         return drafts, draft_probs
 
     def _propose(self, runner, scheduler_output, sampled_token_ids):
@@ -126,21 +126,25 @@ class ClaspProposer:
             return [[] for _ in step.req_ids], None, 0.0
         made, probs, seconds = {}, None, 0.0
         if plan.model_rows:
+            search, search_seconds = None, 0.0
             if plan.search_rows:
                 started = time.perf_counter()
-                search = self.forward.search(plan.search_rows, step.token_ids, step.num_tokens)
-                masks = self.planner.choose_skip_sets(plan, step, search)
-                self.planner.record_search(plan, step, masks, time.perf_counter() - started)
-            made, probs, seconds = self._model_drafts(runner, plan, step)
+                search = self.forward.search(plan.search_rows, step.token_ids, step.num_tokens,
+                                             plan.search_groups)
+                search_seconds = time.perf_counter() - started
+            masks = self.planner.skip_masks(plan, step, search, search_seconds)
+            made, probs, seconds = self._model_drafts(runner, plan, step, masks)
         drafts = self.planner.finish(plan, step, made, seconds)
         draft_probs = None
         if not runner.input_batch.sampling_metadata.all_greedy:
             draft_probs = rejection_sampler_probs(len(step.req_ids), self.vocab_size,
-                                                  plan.model_rows, probs, plan.copied, self.device)
-        return drafts, draft_probs, plan.model_seconds
+                                                  plan.model_rows, probs, drafts.copied,
+                                                  self.device)
+        return drafts.tokens, draft_probs, self.planner.model_seconds
 
-    def _model_drafts(self, runner, plan: Plan, step: StepInputs):
-        """Layer-skipped drafts for plan.model_rows: ({row: tokens}, q or None, seconds)."""
+    def _model_drafts(self, runner, plan: Plan, step: StepInputs, masks: torch.Tensor):
+        """Layer-skipped drafts for plan.model_rows with their skip sets (masks [R, L] bool):
+        ({row: tokens}, q or None, seconds)."""
         started = time.perf_counter()
         rows = np.asarray(plan.model_rows)
         num_tokens = step.num_tokens[rows].astype(np.int64)  # [R]
@@ -149,7 +153,7 @@ class ClaspProposer:
             torch.from_numpy(step.token_ids[rows, num_tokens - 1].astype(np.int64)),
             torch.from_numpy(num_tokens),
             torch.from_numpy(np.minimum(step.max_draft[rows], self.max_model_draft).astype(np.int64)),
-            self.planner.skip_masks(plan, step), runner.input_batch.sampling_metadata,
+            masks, runner.input_batch.sampling_metadata,
             self.stats,
         )
         made = {i: tokens[r, : lengths[r]].numpy() for r, i in enumerate(plan.model_rows)}

@@ -53,9 +53,11 @@ class SkipForward:
         batch_rows: list[int],  # [B] input-batch rows due for a DP run
         token_ids: np.ndarray,  # [n, >= max(num_tokens)] the batch's tokens
         num_tokens: np.ndarray,  # [n] tokens so far per row
+        groups: list[int] | None = None,  # [B] rows of one group share one skip set
     ) -> SkipSearch:
         """The DP over each row's last accepted token's trajectory, for every M in the
-        configured range (rank-local: the caller chooses M and broadcasts the masks)."""
+        configured range (rank-local: the caller chooses M and broadcasts the masks).
+        No host sync per layer: the DP hands each layer's rows over on the host."""
         stack, paged, adapters = self.stack, self.paged, self.adapters
         last = num_tokens[batch_rows] - 2  # position of the last accepted (cached) token
         positions = torch.from_numpy(last.astype(np.int64))  # [B]
@@ -63,13 +65,12 @@ class SkipForward:
         tokens = torch.from_numpy(token_ids[batch_rows, last].astype(np.int64))  # [B]
 
         def run_rows(layer: int, states: torch.Tensor, req_rows: torch.Tensor) -> torch.Tensor:
-            req_rows_cpu = req_rows.cpu()
-            rows = row_index[req_rows_cpu]  # [n] input-batch row of each candidate
+            rows = row_index[req_rows]  # [n] input-batch row of each candidate (host)
             metadata, positions_dev, _ = paged.build(
-                rows, positions[req_rows_cpu], stack.attention_names[layer]
+                rows, positions[req_rows], stack.attention_names[layer]
             )
             adapters.select(rows)
-            with self._forward_context(metadata, len(req_rows_cpu), slot_mapping={}):
+            with self._forward_context(metadata, len(req_rows), slot_mapping={}):
                 return stack.run_layer(layer, positions_dev, states)
 
         def run(layer: int, states: torch.Tensor, req_rows: torch.Tensor) -> torch.Tensor:
@@ -87,6 +88,7 @@ class SkipForward:
         return search_skip_sets(
             embeddings.unsqueeze(0), run, max_skip=hi, min_skip=lo,
             never_skip=self.never_skip, num_layers=stack.num_layers,
+            groups=None if groups is None else torch.tensor(groups, dtype=torch.long),
         )
 
     # ------------------------------------------------------------------ drafting
