@@ -97,6 +97,8 @@ class BenchOptions:
     offset: int = 0
     max_tokens: int = 128
     temperature: float = 0.0
+    seeded: bool = False
+    """Give every request its own seed (fixed by its question, the same for every method)."""
     batch_sizes: tuple[int, ...] = (1,)
     dtype: str = "float32"
     methods: str | Sequence[Method] = "plain,clasp,suffix,ngram"
@@ -360,13 +362,19 @@ def _build_engine(options, model, method, engines, errors, engine_meta) -> None:
                                 "worker": worker_info(llm)}
 
 
-def _sampling_params(options: BenchOptions):
-    """The requests' sampling parameters. No per-request seed: a seeded request drafts by
-    CLaSp's fixed policy (docs/design.md, "Seeds"), which unseeded traffic does not; the
-    engines' own `seed=0` keeps sampled runs repeatable."""
+def _sampling_params(options: BenchOptions, questions=None):
+    """The requests' sampling parameters: one for all, or with --seeded one per question
+    (seed = a stable hash of its id; a seeded request drafts by CLaSp's seeded policy,
+    docs/design.md). Unseeded, the engines' own `seed=0` keeps sampled runs repeatable."""
+    import zlib
+
     from vllm import SamplingParams
 
-    return SamplingParams(temperature=options.temperature, max_tokens=options.max_tokens)
+    if not options.seeded or questions is None:
+        return SamplingParams(temperature=options.temperature, max_tokens=options.max_tokens)
+    return [SamplingParams(temperature=options.temperature, max_tokens=options.max_tokens,
+                           seed=zlib.crc32(str(q.question_id).encode()))
+            for q in questions]
 
 
 def _warm_up(options, engines, prompts, errors, engine_meta) -> None:
@@ -389,7 +397,6 @@ def _measure(options, engines, questions, prompts, errors, bs: int
              ) -> tuple[list[dict], list[dict]]:
     """Every round and batch of `bs` consecutive prompts on every engine, in rotating order;
     records each prompt's output, marked identical to plain's or not (greedy)."""
-    params = _sampling_params(options)
     n = len(prompts)
     records, calls = [], []
     rotation = 0
@@ -403,7 +410,7 @@ def _measure(options, engines, questions, prompts, errors, bs: int
                 batch_records = {}
                 for name in order:
                     try:
-                        call, recs = _timed_call(engines[name], name, params,
+                        call, recs = _timed_call(engines[name], name, options,
                                                  [prompts[i] for i in idx],
                                                  [questions[i] for i in idx], bs, rnd, start)
                     except Exception as e:
@@ -430,13 +437,14 @@ def _compare_to_plain(batch_records: dict[str, list[dict]], temperature: float) 
                 r["identical"], r["first_difference"] = diff is None, diff
 
 
-def _timed_call(llm, name, params, prompts, questions, bs, rnd, start):
+def _timed_call(llm, name, options, prompts, questions, bs, rnd, start):
     from vllm_clasp.core.options import is_clasp
 
     clasp = is_clasp(llm.llm_engine.vllm_config.speculative_config)
     time.sleep(SETTLE_S)
     spec0 = spec_counters(llm)
     clasp0 = clasp_stats(llm) if clasp else None
+    params = _sampling_params(options, questions)
     t0 = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     wall = time.perf_counter() - t0
@@ -491,6 +499,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=128, help="new tokens (default 128)")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="sampling temperature (default 0: greedy, outputs compared)")
+    parser.add_argument("--seeded", action="store_true",
+                        help="give every request its own seed (fixed per question, the same "
+                             "for every method)")
     parser.add_argument("--batch-sizes", default="1", metavar="LIST",
                         help="comma list of batch sizes (default 1)")
     _add_engine_arguments(parser)
@@ -543,7 +554,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         questions=args.questions,
         categories=tuple(c.strip() for c in args.categories.split(",") if c.strip()),
         per_category=args.per_category, offset=args.offset, max_tokens=args.max_tokens,
-        temperature=args.temperature,
+        temperature=args.temperature, seeded=args.seeded,
         batch_sizes=parse_int_list(args.batch_sizes, "--batch-sizes", low=1),
         dtype=args.dtype, methods=args.methods,
         sweep_skip=parse_int_list(args.sweep_skip, "--sweep-skip") if args.sweep_skip else (),
