@@ -49,6 +49,9 @@ COUNTERS = (
                "Tokens drafted by the layer-skipped model."),
     CounterRow("num_model_draft_accepted_tokens", "vllm:clasp_model_draft_accepted_tokens",
                "Tokens drafted by the layer-skipped model and accepted by verification."),
+    CounterRow("num_draft_passes", "vllm:clasp_draft_passes",
+               "Layer-skipped forward passes (one per draft position, every drafting row of "
+               "the step at once): clasp_draft_seconds / this is the cost of one pass."),
     CounterRow("num_model_draft_steps", "vllm:clasp_model_draft_steps",
                "Verification steps with at least one layer-skipped model draft."),
     CounterRow("draft_union_kept_layers", "vllm:clasp_draft_union_kept_layers",
@@ -154,6 +157,9 @@ class ClaspStats:
 
     def record_unverified(self, num_tokens: int) -> None:
         self.num_unverified_draft_tokens += num_tokens
+
+    def record_pass(self) -> None:
+        self.num_draft_passes += 1
 
     def record_exits(self, count: int) -> None:
         self.num_threshold_exits += count

@@ -127,6 +127,7 @@ class SkipForward:
                 out_probs[active.to(probs.device), step] = probs
             for row in active.tolist():
                 lengths[row] = step + 1
+            stats.record_pass()
             stats.record_exits(int((confidence < threshold).sum()))
             current[active.to(self.paged.device)] = new_tokens.to(self.paged.device)
             active = active[(confidence >= threshold) & (max_draft[active] > step + 1)]
