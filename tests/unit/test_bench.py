@@ -521,7 +521,7 @@ def test_unavailable_methods_say_why(monkeypatch):
 
     suffix, clasp = parse_methods("plain,suffix,clasp")[1:]
     assert unavailable(suffix) is None and unavailable(clasp) is None
-    monkeypatch.setattr(options, "suffix_library_available", lambda: False)
+    monkeypatch.setattr(options.draft_source, "available", lambda name: name != "suffix")
     assert "arctic-inference" in unavailable(suffix)
     assert unavailable(clasp) is None  # clasp falls back to n-gram copies
 

@@ -1,4 +1,4 @@
-"""Copied drafts (`core.copy_sources`): suffix trees driven as vLLM's `suffix` method drives
+"""Copied drafts (`core.draft_source`, `suffix_trees`, `ngram_lookup`, `copy_sources`): suffix trees driven as vLLM's `suffix` method drives
 them, n-gram lookup, and how the planner uses them (seeded requests, lengths, the knob that
 turns layer-skip drafts off). Host-free apart from the one test that runs vLLM's own
 SuffixDecodingProposer beside ours."""
@@ -10,7 +10,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from vllm_clasp.core.copy_sources import NGRAM, SUFFIX, NgramLookup, SuffixTrees
+from vllm_clasp.core.ngram_lookup import NGRAM, NgramLookup
+from vllm_clasp.core.suffix_trees import SUFFIX, SuffixTrees
 from vllm_clasp.core.options import ClaspOptions, SuffixOptions
 from vllm_clasp.core.planner import StepInputs, StepPlanner
 
@@ -21,12 +22,12 @@ def test_suffix_trees_copy_from_the_prompt():
     trees = SuffixTrees(SuffixOptions())
     context = np.concatenate([PROMPT, [1, 2, 3]])  # the output repeats "1 2 3"
     trees.update("a", context, num_prompt_tokens=len(PROMPT))
-    draft = trees.draft("a", context, max_draft=4)
+    draft = trees.propose("a", context, max_draft=4)
     # At most max_spec_factor (1.0) x the matched length (3) tokens.
     assert draft.tokens.tolist() == [4, 5, 6]
     assert len(draft.probs) == 3 and all(0 < p <= 1 for p in draft.probs)
-    assert trees.draft("a", context, max_draft=2).tokens.tolist() == [4, 5]
-    assert trees.draft("a", context, max_draft=0).tokens.tolist() == []
+    assert trees.propose("a", context, max_draft=2).tokens.tolist() == [4, 5]
+    assert trees.propose("a", context, max_draft=0).tokens.tolist() == []
 
 
 def test_suffix_trees_copy_from_past_responses_of_other_requests():
@@ -42,7 +43,7 @@ def test_suffix_trees_copy_from_past_responses_of_other_requests():
         trees.forget(["a"])  # finished: its prompt tree goes, its response stays (if cached)
         b = np.array([50, 51, 11, 12, 13])
         trees.update("b", b, num_prompt_tokens=2)
-        assert trees.draft("b", b, max_draft=8).tokens.tolist() == expected, max_cached
+        assert trees.propose("b", b, max_draft=8).tokens.tolist() == expected, max_cached
 
 
 def test_suffix_trees_restart_a_preempted_request():
@@ -51,15 +52,15 @@ def test_suffix_trees_restart_a_preempted_request():
     trees.update("a", context, num_prompt_tokens=len(PROMPT))
     trees.forget(["a"])  # preempted
     trees.update("a", context, num_prompt_tokens=len(PROMPT))  # resumed: started anew
-    assert trees.draft("a", context, max_draft=3).tokens.tolist() == [3, 4]
+    assert trees.propose("a", context, max_draft=3).tokens.tolist() == [3, 4]
     trees.forget(["a"])  # finished
-    assert trees.draft("a", context, max_draft=3).tokens.tolist() == []
+    assert trees.propose("a", context, max_draft=3).tokens.tolist() == []
 
 
 def test_ngram_lookup_is_prompt_lookup():
     lookup = NgramLookup(max_ngram=3, min_ngram=2)
     context = np.concatenate([PROMPT, [1, 2, 3]])
-    assert lookup.draft("a", context, max_draft=3).tokens.tolist() == [4, 5, 6]
+    assert lookup.propose("a", context, max_draft=3).tokens.tolist() == [4, 5, 6]
 
 
 def test_same_drafts_as_vllms_suffix_method():
@@ -101,7 +102,7 @@ def test_same_drafts_as_vllms_suffix_method():
             for i, r in enumerate(ids):
                 context = np.array(seqs[r])
                 ours.update(r, context, prompts[r])
-                got = ours.draft(r, context, max_draft=k).tokens.tolist()
+                got = ours.propose(r, context, max_draft=k).tokens.tolist()
                 assert got == list(expected[i]), (r, got, expected[i])
                 compared += 1
                 nonempty += bool(got)
@@ -181,7 +182,7 @@ def test_copy_source_resolves(source, expected):
 def test_auto_without_arctic_inference_falls_back_to_ngram(monkeypatch):
     from vllm_clasp.core import options
 
-    monkeypatch.setattr(options, "suffix_library_available", lambda: False)
+    monkeypatch.setattr(options.draft_source, "available", lambda name: name != "suffix")
     assert ClaspOptions().resolve(30, 100).copy_source == "ngram"
     assert ClaspOptions().default_num_speculative_tokens() == 8
     with pytest.raises(ValueError, match="pip install 'vllm-clasp\\[suffix\\]'"):
@@ -222,3 +223,24 @@ def test_suffix_drafts_are_valued_by_their_token_probabilities():
     assert plan.copied[0][0] == 4 and probs[0] == pytest.approx(0.6)
     gains = planner.calibration.gains(SUFFIX, probs)
     assert all(a >= b for a, b in zip(gains, gains[1:]))
+
+
+def test_every_registered_source_satisfies_the_interface():
+    """A source is one module plus one registry row: each row builds an object with the
+    DraftSource methods, named as its row, from resolved options."""
+    from vllm_clasp.core import draft_source
+
+    options = ClaspOptions().resolve(30, 100)
+    for name in draft_source.SOURCES:
+        if not draft_source.available(name):
+            continue
+        source = draft_source.make_source(name, options)
+        assert source.name == name
+        assert isinstance(source, draft_source.DraftSource), name
+        context = np.concatenate([PROMPT, [1, 2, 3]])
+        source.update("a", context, len(PROMPT))
+        assert source.propose("a", context, max_draft=3).tokens.tolist() == [4, 5, 6]
+        source.forget(["a"])
+    from vllm_clasp.core.options import COPY_SOURCES
+
+    assert COPY_SOURCES == ("auto", *draft_source.SOURCES, "none")

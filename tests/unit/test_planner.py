@@ -15,7 +15,7 @@ import torch
 
 from vllm_clasp.core.draft_budget import DraftBudget, choose_lengths
 from vllm_clasp.core.options import ClaspOptions
-from vllm_clasp.core.copy_sources import NGRAM as LOOKUP
+from vllm_clasp.core.ngram_lookup import NGRAM as LOOKUP
 from vllm_clasp.core.optimizer import SkipSearch
 from vllm_clasp.core.stats import ClaspStats
 from vllm_clasp.core.planner import MODEL, StepInputs, StepPlanner

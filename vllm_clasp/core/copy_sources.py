@@ -1,116 +1,16 @@
-"""Copied drafts: tokens taken from text already seen, free to make (no model pass).
-
-Two sources, one interface (`CopySource`):
-
-* `SuffixTrees`: arctic-inference's `SuffixDecodingCache`, the library vLLM's own `suffix`
-  method uses (`vllm/v1/spec_decode/suffix_decoding.py`, SuffixDecoding, arXiv 2411.04975):
-  a suffix tree over each request's prompt plus a global tree over past responses of all
-  requests, so a request can copy from what earlier requests generated. Driven the way vLLM
-  drives it: a request starts with its prompt, its response grows with every step's tokens,
-  it stops when it finishes (its response stays in the global tree until FIFO eviction).
-* `NgramLookup`: prompt lookup over the request's own context (`prompt_lookup`). Used where
-  arctic-inference is missing, when asked for, and for seeded requests whatever the source:
-  their output depends on what is drafted, so their drafts must depend on their own context
-  only, never on what other requests generated before (docs/design.md, "Seeds").
-
-A copied draft is deterministic, so its q is a point mass and rejection sampling stays exact.
-Every tensor-parallel rank sees the same tokens in the same order and so copies the same
-drafts; nothing is broadcast.
-"""
+"""Copied drafts as the planner uses them: the configured copy source for unseeded
+requests, n-gram lookup in their own context for seeded ones (`draft_source` holds the
+interface and the registry of sources)."""
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable
-from dataclasses import dataclass
 
 import numpy as np
 
-from vllm_clasp.core.options import SuffixOptions
-from vllm_clasp.core.prompt_lookup import prompt_lookup
+from vllm_clasp.core.draft_source import DraftSource, make_source
+from vllm_clasp.core.ngram_lookup import NGRAM, NgramLookup
 from vllm_clasp.core.seeded_copies import SeededCopyRecord
-
-SUFFIX, NGRAM = "suffix", "ngram"
-
-
-@dataclass
-class CopiedDraft:
-    tokens: np.ndarray  # [<= max_draft] int64
-    probs: np.ndarray | None = None  # [len(tokens)] the source's estimate per token, if any
-
-
-class NgramLookup:
-    """Prompt lookup (`prompt_lookup`): stateless."""
-
-    name = NGRAM
-
-    def __init__(self, max_ngram: int, min_ngram: int):
-        self.max_ngram, self.min_ngram = max_ngram, min_ngram
-
-    def update(self, req_id: Hashable, tokens: np.ndarray, num_prompt_tokens: int) -> None:
-        pass
-
-    def draft(self, req_id: Hashable, tokens: np.ndarray, max_draft: int) -> CopiedDraft:
-        """tokens: [n] the request's tokens so far (prompt + output)."""
-        found = prompt_lookup(tokens, self.max_ngram, self.min_ngram, max_draft)
-        return CopiedDraft(found.astype(np.int64, copy=False))
-
-    def forget(self, req_ids: Iterable[Hashable]) -> None:
-        pass
-
-
-class SuffixTrees:
-    """`SuffixDecodingCache` with vLLM's per-request lifecycle.
-
-    Raises ImportError (with how to install it) when arctic-inference is missing."""
-
-    name = SUFFIX
-
-    def __init__(self, options: SuffixOptions):
-        from arctic_inference.suffix_decoding import SuffixDecodingCache
-
-        self.options = options
-        self.cache = SuffixDecodingCache(max_tree_depth=options.max_tree_depth,
-                                         max_cached_requests=options.max_cached_requests)
-        self._seen: dict[Hashable, int] = {}  # active request -> tokens already in its trees
-
-    def update(self, req_id: Hashable, tokens: np.ndarray, num_prompt_tokens: int) -> None:
-        """Start `req_id` with its prompt (tokens[:num_prompt_tokens]) if it is new, then
-        append its output tokens not yet seen. tokens: [n] prompt + output so far."""
-        tokens = np.asarray(tokens, dtype=np.int32)  # what the library accepts
-        seen = self._seen.get(req_id)
-        if seen is None:
-            if req_id in self.cache.cached_requests:  # resumed after preemption: start anew
-                self.cache.evict_cached_response(req_id)
-            self.cache.start_request(req_id, tokens[:num_prompt_tokens])
-            seen = num_prompt_tokens
-        if len(tokens) > seen:
-            self.cache.add_active_response(req_id, tokens[seen:])
-        self._seen[req_id] = max(seen, len(tokens))
-
-    def draft(self, req_id: Hashable, tokens: np.ndarray, max_draft: int) -> CopiedDraft:
-        """The most likely continuation of the request's last `max_tree_depth` tokens, at
-        most `max_draft` tokens (call `update` first)."""
-        if max_draft <= 0 or req_id not in self._seen:
-            return CopiedDraft(np.zeros(0, dtype=np.int64))
-        pattern = np.asarray(tokens[max(0, len(tokens) - self.options.max_tree_depth):],
-                             dtype=np.int32)
-        found = self.cache.speculate(
-            req_id, pattern, max_spec_tokens=max_draft,
-            max_spec_factor=self.options.max_spec_factor,
-            min_token_prob=self.options.min_token_prob,
-        )
-        return CopiedDraft(np.asarray(found.token_ids, dtype=np.int64),
-                           np.asarray(found.probs, dtype=np.float64))
-
-    def forget(self, req_ids: Iterable[Hashable]) -> None:
-        """Finished or preempted requests: their prompt trees go, their responses stay in the
-        global tree (until evicted)."""
-        for req_id in req_ids:
-            if self._seen.pop(req_id, None) is not None:
-                self.cache.stop_request(req_id)
-
-
-CopySource = NgramLookup | SuffixTrees
 
 
 class CopiedDrafts:
@@ -119,8 +19,8 @@ class CopiedDrafts:
     `seeded_copies`); none with copy_source "none"."""
 
     def __init__(self, options):  # a ResolvedClaspOptions
-        self.source = make_copy_source(options.copy_source, options.prompt_lookup_max,
-                                       options.prompt_lookup_min, options.suffix)
+        self.source: DraftSource | None = (
+            None if options.copy_source == "none" else make_source(options.copy_source, options))
         self.seeded = None if self.source is None else (
             self.source if self.source.name == NGRAM
             else NgramLookup(options.prompt_lookup_max, options.prompt_lookup_min))
@@ -152,7 +52,7 @@ class CopiedDrafts:
             copier = self.seeded if i in step.seeded else self.source
             if i in step.seeded and not self.seeded_record.pays(step.req_ids[i]):
                 continue
-            draft = copier.draft(step.req_ids[i], step.token_ids[i, : step.num_tokens[i]],
+            draft = copier.propose(step.req_ids[i], step.token_ids[i, : step.num_tokens[i]],
                                  int(step.max_draft[i]))
             if len(draft.tokens):
                 found[i], source[i] = draft.tokens, copier.name
@@ -165,13 +65,3 @@ class CopiedDrafts:
             req_ids = list(req_ids)
             self.source.forget(req_ids)
             self.seeded_record.forget(req_ids)
-
-
-def make_copy_source(kind: str, prompt_lookup_max: int, prompt_lookup_min: int,
-                     suffix: SuffixOptions) -> CopySource | None:
-    """The source a resolved `copy_source` names ("suffix", "ngram", "none": None)."""
-    if kind == SUFFIX:
-        return SuffixTrees(suffix)
-    if kind == NGRAM:
-        return NgramLookup(prompt_lookup_max, prompt_lookup_min)
-    return None

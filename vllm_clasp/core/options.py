@@ -12,8 +12,9 @@ tests check both against this class (`knob_names()`).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 from dataclasses import dataclass, field
+
+from vllm_clasp.core import draft_source
 
 DEFAULT_NUM_SPECULATIVE_TOKENS = 8
 """K without a suffix-tree copy source: the longest draft verified in one step."""
@@ -36,8 +37,9 @@ DEFAULT_SUFFIX_MAX_CACHED_REQUESTS = 10000
 DEFAULT_SUFFIX_MAX_SPEC_FACTOR = 1.0
 DEFAULT_SUFFIX_MIN_TOKEN_PROB = 0.1
 
-COPY_SOURCES = ("auto", "suffix", "ngram", "none")
-SUFFIX_LIBRARY = "arctic_inference"
+COPY_SOURCES = ("auto", *draft_source.SOURCES, "none")
+"""Values of clasp_copy_source: "auto" (the first available source), each registered
+source (`draft_source.SOURCES`), "none"."""
 SUFFIX_INSTALL_HINT = (
     "pip install 'vllm-clasp[suffix]' (arctic-inference builds a small C++ extension; see "
     "README.md, or run scripts/setup.sh)"
@@ -55,7 +57,7 @@ def is_clasp(speculative_config) -> bool:
 
 def suffix_library_available() -> bool:
     """Whether arctic-inference (the suffix-tree library vLLM's `suffix` method uses) imports."""
-    return importlib.util.find_spec(SUFFIX_LIBRARY) is not None
+    return draft_source.available("suffix")
 
 
 def knob_names() -> list[str]:
@@ -180,13 +182,15 @@ class ClaspOptions:
         for "suffix" without arctic-inference is an error that says how to install it."""
         if self.copy_source == "none" or self.prompt_lookup_max == 0:
             return "none"
-        if self.copy_source == "suffix" and not suffix_library_available():
-            raise ValueError(
-                "clasp_copy_source='suffix' needs arctic-inference, which is not installed: "
-                f"{SUFFIX_INSTALL_HINT}; or use clasp_copy_source='ngram'"
-            )
         if self.copy_source == "auto":
-            return "suffix" if suffix_library_available() else "ngram"
+            return next(name for name in draft_source.SOURCES if draft_source.available(name))
+        if not draft_source.available(self.copy_source):
+            library = draft_source.SOURCES[self.copy_source].library
+            hint = SUFFIX_INSTALL_HINT if self.copy_source == "suffix" else f"pip install {library}"
+            raise ValueError(
+                f"clasp_copy_source={self.copy_source!r} needs {library}, which is not "
+                f"installed: {hint}; or use clasp_copy_source='ngram'"
+            )
         return self.copy_source
 
     def default_num_speculative_tokens(self) -> int:
