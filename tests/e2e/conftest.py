@@ -117,10 +117,9 @@ def spec_metrics(llm) -> dict[str, int]:
 
 def clasp_stats(llm) -> dict:
     """CLaSp's own counters from the worker (rank 0)."""
-    def read(worker):
-        return worker.model_runner.drafter.stats.as_dict()
+    from vllm_clasp.vllm.worker_state import read
 
-    return llm.collective_rpc(read)[0]
+    return llm.collective_rpc(read)[0]["stats"]
 
 
 # --- OpenAI-compatible server with CLaSp (shared by test_serving.py and test_examples.py) ---

@@ -65,7 +65,7 @@ def check_ranks(ranks: list[dict], tp: int, platform: str) -> None:
     assert len({r["pid"] for r in ranks}) == tp and os.getpid() not in {r["pid"] for r in ranks}
     for r in ranks:
         assert r["platform"].endswith(platform), r  # CUDA: NvmlCudaPlatform or NonNvml...
-        assert r["plugin_registered"] and r["drafter"] == "ClaspProposer", r
+        assert r["plugin_registered"] and r["clasp_drafter"], r
     # Same DP results and draft decisions on every rank (the broadcast from rank 0).
     assert all(r["stats"] == ranks[0]["stats"] for r in ranks), [r["stats"] for r in ranks]
 

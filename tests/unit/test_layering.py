@@ -200,3 +200,20 @@ def test_importing_host_free_modules_does_not_import_vllm():
     assert result.returncode == 0, (
         "importing " + ", ".join(IMPORTABLE_WITHOUT_VLLM) + " pulled in vLLM:\n" + result.stderr
     )
+
+
+def test_tools_and_tests_read_worker_state_only_through_worker_state():
+    """One debug surface: tools, test helpers and scripts read CLaSp's state in a worker
+    with `vllm_clasp.vllm.worker_state.read` (through collective_rpc), never by reaching
+    into the runner's `drafter` or the proposer's `planner`."""
+    root = PACKAGE_DIR.parent
+    files = [*(PACKAGE_DIR / "tools").rglob("*.py"), *(root / "tests" / "e2e").rglob("*.py"),
+             *(root / "tests" / "support").rglob("*.py"), *(root / "scripts").rglob("*.py")]
+    offenders = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in ("drafter", "planner"):
+                offenders.append(f"{path.relative_to(root)}:{node.lineno} .{node.attr}")
+            if (isinstance(node, ast.Constant) and node.value == "drafter"):
+                offenders.append(f"{path.relative_to(root)}:{node.lineno} 'drafter'")
+    assert not offenders, offenders

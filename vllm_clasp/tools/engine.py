@@ -1,6 +1,7 @@
 """What the benchmark reads from vLLM engines and the machine, and how it lets engines go.
 
-Owns the worker-side RPC readers (CLaSp's counters, torch threads, memory), the engine's
+Owns the worker-side RPC readers (torch threads, memory; CLaSp's state through
+`vllm.worker_state`), the engine's
 spec-decode counters, the resolved speculative config, shutting an engine down, recording an
 engine failure, and the machine facts stored with a run. vLLM is never imported here: every
 function takes an engine (`vllm.LLM`) that the caller built.
@@ -22,11 +23,6 @@ logger = logging.getLogger("vllm_clasp.tools.bench")
 
 
 # --------------------------------------------------------------------------- worker side
-
-
-def _read_clasp_stats(worker) -> dict:
-    """Runs in the worker (collective_rpc): CLaSp's counters."""
-    return worker.model_runner.drafter.stats.as_dict()
 
 
 def _read_worker_info(worker) -> dict:
@@ -55,18 +51,28 @@ def _read_memory(worker) -> dict:
     return out
 
 
-def rpc(llm, fn):
-    """`fn(worker)` on rank 0's worker (collective_rpc); None, with a warning, on failure."""
+def rpc(llm, fn, **kwargs):
+    """`fn(worker, **kwargs)` on rank 0's worker (collective_rpc); None, with a warning, on
+    failure."""
     try:
-        return llm.collective_rpc(fn)[0]
+        return llm.collective_rpc(fn, kwargs=kwargs)[0]
     except Exception as e:  # e.g. VLLM_ALLOW_INSECURE_SERIALIZATION unset
         logger.warning("collective_rpc(%s) failed: %s", fn.__name__, e)
         return None
 
 
+def clasp_state(llm, take_dp_log: bool = False) -> dict | None:
+    """CLaSp's worker-side state (`vllm.worker_state.read`); None when the RPC fails or the
+    engine does not draft with CLaSp."""
+    from vllm_clasp.vllm.worker_state import read
+
+    return rpc(llm, read, take_dp_log=take_dp_log)
+
+
 def clasp_stats(llm) -> dict | None:
     """CLaSp's cumulative worker-side counters (None when the RPC fails)."""
-    return rpc(llm, _read_clasp_stats)
+    state = clasp_state(llm)
+    return None if state is None else state["stats"]
 
 
 def worker_info(llm) -> dict | None:

@@ -30,19 +30,6 @@ DEFAULT_CONFIG = {"method": "clasp", "clasp_copy_source": "none", "clasp_adaptiv
 """Layer-skip drafts on every step: every request runs the DP, as the engine drafts."""
 
 
-# --------------------------------------------------------------------------- worker side
-
-
-def _read_dp_log(worker) -> dict:
-    """Runs in the worker (collective_rpc): the DP runs since the last call (then cleared)
-    and the cumulative measured acceptance per M."""
-    planner = worker.model_runner.drafter.planner
-    runs = list(planner.skip_sets.dp_log)
-    planner.skip_sets.dp_log.clear()
-    return {"runs": runs, "acceptance_by_m": {
-        int(m): list(v) for m, v in planner.skip_sets.skip_counts.acceptance_by_m.items()}}
-
-
 # --------------------------------------------------------------------------- arithmetic
 
 
@@ -122,7 +109,7 @@ def collect(args: argparse.Namespace, console) -> dict:
     from vllm import LLM, SamplingParams
 
     from vllm_clasp.tools.bench import BenchOptions, chat_prompts
-    from vllm_clasp.tools.engine import rpc, shutdown
+    from vllm_clasp.tools.engine import clasp_state, shutdown
     from vllm_clasp.tools.model_prep import prepare_model
     from vllm_clasp.tools.questions import resolve_questions
 
@@ -143,14 +130,14 @@ def collect(args: argparse.Namespace, console) -> dict:
         num_layers = hf.num_hidden_layers
         questions, prompts, _ = chat_prompts(llm.get_tokenizer(), questions, 2048)
         params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
-        groups, read = {}, rpc(llm, _read_dp_log) or {"acceptance_by_m": {}}
+        groups, read = {}, clasp_state(llm, take_dp_log=True) or {"acceptance_by_m": {}}
         names = list(dict.fromkeys(q.group for q in questions))
         for group in tqdm(names, desc="groups", file=console or sys.stderr):
             mine = [p for q, p in zip(questions, prompts) if q.group == group]
             llm.generate(mine, params, use_tqdm=False)
-            before, read = read, rpc(llm, _read_dp_log)
+            before, read = read, clasp_state(llm, take_dp_log=True)
             groups[group] = summarize_group(
-                read["runs"], num_layers,
+                read["dp_log"], num_layers,
                 acceptance_delta(before["acceptance_by_m"], read["acceptance_by_m"]))
             groups[group]["prompts"] = len(mine)
     finally:

@@ -101,6 +101,18 @@ class ClaspProposer:
         if self.forward is not None:
             self.forward.bind(runner)
 
+    def state(self, take_dp_log: bool = False) -> dict:
+        """What tools may read (`worker_state.read`): counters, acceptance per M, and with
+        take_dp_log the DP runs since the last such call (then cleared)."""
+        skip_sets = self.planner.skip_sets if self.planner is not None else None
+        dp_log = []
+        if take_dp_log and skip_sets is not None:
+            dp_log = list(skip_sets.dp_log)
+            skip_sets.dp_log.clear()
+        return {"stats": self.stats.as_dict(), "dp_log": dp_log,
+                "acceptance_by_m": {} if skip_sets is None else {
+                    int(m): list(v) for m, v in skip_sets.skip_counts.acceptance_by_m.items()}}
+
     def take_metrics(self) -> dict:
         """CLaSp's counters changed since the last call (`ClaspStats.take_delta`)."""
         return self.stats.take_delta()

@@ -6,7 +6,7 @@
 Starts its own Ray instance (`num_gpus=tp` logical placement slots, no GPU; see __init__.py)
 and shuts it down at the end, so no Ray process outlives the run. For each method: greedy
 token ids, vLLM's spec-decode counters, and per rank its pid, platform class, whether the
-vllm_clasp plugin registered there, the drafter class and CLaSp's counters.
+vllm_clasp plugin registered there, whether the worker drafts with CLaSp, and CLaSp's counters.
 """
 
 from __future__ import annotations
@@ -25,14 +25,16 @@ def rank_report(worker) -> dict:
     from vllm.distributed import get_tp_group
     from vllm.platforms import current_platform
 
-    drafter = getattr(worker.model_runner, "drafter", None)
-    stats = drafter.stats.as_dict() if hasattr(drafter, "stats") else None
+    from vllm_clasp.vllm.worker_state import read
+
+    state = read(worker)
+    stats = None if state is None else state["stats"]
     if stats:
         stats = {k: v for k, v in stats.items() if not k.endswith("_time_s")}
     return {
         "pid": os.getpid(), "tp_rank": get_tp_group().rank_in_group,
         "platform": type(current_platform).__name__, "plugin_registered": plugin._registered,
-        "drafter": type(drafter).__name__ if drafter is not None else None, "stats": stats,
+        "clasp_drafter": state is not None, "stats": stats,
     }
 
 
