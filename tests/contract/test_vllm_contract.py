@@ -25,7 +25,7 @@ from vllm_clasp.vllm.patches import PATCHES, RUNNER_MODULE, patch
 from vllm_clasp.vllm.patching import Patch
 from vllm_clasp.plugin import SUPPORTED_VLLM_VERSIONS
 
-STATS_FIELD_PATCH = patch(9)
+STATS_FIELD_PATCH = patch(10)
 
 PACKAGE_DIR = Path(vllm_clasp.__file__).resolve().parent
 VLLM_DIR = Path(importlib.util.find_spec("vllm").origin).parent
@@ -131,8 +131,8 @@ def test_every_patch_has_an_expected_signature():
     missing = [_patch_id(p) for p in FUNCTION_PATCHES if not p.host_parameters]
     require(not missing, PATCHES_PY, f"patches {missing} name no host_parameters")
     numbers = [p.number for p in PATCHES]
-    require(numbers == sorted(numbers) and set(numbers) == set(range(1, max(numbers) + 1)),
-            PATCHES_PY, f"patches are numbered {numbers}: 1..N in order")
+    require(numbers == list(range(1, len(numbers) + 1)),
+            PATCHES_PY, f"patches are numbered {numbers}: 1..N in order, one number each")
 
 
 @pytest.mark.parametrize("patch", FUNCTION_PATCHES, ids=_patch_id)
@@ -689,9 +689,9 @@ def test_expand_fix_matches_vllm_contract():
 
 
 def test_cpu_top_k_on_no_rows_still_needs_patch_11():
-    """Patch 11 skips sampling constraints for a step without draft tokens because vLLM's
+    """Patch 15 skips sampling constraints for a step without draft tokens because vLLM's
     CPU top-k fails on an empty k tensor. When vLLM handles it, this fails: drop
-    patch 11 from patches.py."""
+    patch 13 from patches.py."""
     import pytest
     import torch
     from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch
@@ -717,9 +717,9 @@ def test_empty_constraints_fix_is_a_no_op_on_no_rows_and_delegates_otherwise():
 
 
 def test_cpu_generator_rewind_still_needs_patches_13_and_14(runner_cls):
-    """Patches 13-14 rewind a discarded sample's CPU generator by state, because vLLM rewinds
+    """Patches 15-16 rewind a discarded sample's CPU generator by state, because vLLM rewinds
     by offset and a CPU generator has none. When vLLM changes either, this fails: review
-    patches 13 and 14 in patches.py."""
+    patches 15 and 16 in patches.py."""
     import torch
 
     text = flat(source(runner_cls._bookkeeping_sync))
@@ -728,12 +728,12 @@ def test_cpu_generator_rewind_still_needs_patches_13_and_14(runner_cls):
     with pytest.raises(RuntimeError, match="offset"):
         torch.Generator().set_offset(0)
     require("self.input_batch.generators" in text, PATCHES_PY,
-            "the rewind no longer reads input_batch.generators (patch 14 hides entries there)")
+            "the rewind no longer reads input_batch.generators (patch 16 hides entries there)")
 
 
 def test_generator_rewind_fix_restores_discarded_rows_only():
-    """Patch 13 leaves a discarded row's generator as before the sample and the kept row's
-    advanced; patch 14 hides the rewound ones from vLLM's offset loop, then puts them back."""
+    """Patch 15 leaves a discarded row's generator as before the sample and the kept row's
+    advanced; patch 16 hides the rewound ones from vLLM's offset loop, then puts them back."""
     import types
 
     import numpy as np
@@ -809,7 +809,7 @@ def test_scheduler_stats_field_crosses_vllms_serialiser():
     from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
 
     require(dataclasses.is_dataclass(SchedulerStats), PATCHES_PY,
-            "SchedulerStats is no longer a dataclass (patch 9)")
+            "SchedulerStats is no longer a dataclass (patch 10)")
     names = {f.name for f in dataclasses.fields(SchedulerStats)}
     require("spec_decoding_stats" in names, PATCHES_PY, "SchedulerStats lost spec_decoding_stats")
     if not STATS_FIELD_PATCH.applied:
@@ -841,12 +841,12 @@ def test_runner_output_carries_extra_attributes_and_scheduler_attaches_stats(run
     output.clasp_metrics = {"num_dp_runs": 1}
     require(pickle.loads(pickle.dumps(output)).clasp_metrics == {"num_dp_runs": 1}, PATCHES_PY,
             "ModelRunnerOutput loses attributes in pickle (executor processes)")
-    text = flat(source(host_original(clasp_patches.patch(8))))
+    text = flat(source(host_original(clasp_patches.patch(9))))
     require("eco.scheduler_stats = stats" in text and "self.log_stats" in flat(
         source(Scheduler.make_stats)), PATCHES_PY,
         "Scheduler.update_from_output no longer attaches SchedulerStats to an output")
-    sample = flat(source(host_original(clasp_patches.patch(7, "sample_tokens"))))
-    execute = flat(source(host_original(clasp_patches.patch(7, "execute_model"))))
+    sample = flat(source(host_original(clasp_patches.patch(7))))
+    execute = flat(source(host_original(clasp_patches.patch(8))))
     require("self._update_states(scheduler_output)" in execute
             and "return EMPTY_MODEL_RUNNER_OUTPUT" in execute, PATCHES_PY,
             "execute_model no longer returns early on steps without scheduled tokens")

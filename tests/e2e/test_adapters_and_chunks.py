@@ -6,7 +6,7 @@
   adapters, base requests and their mixes equals plain decoding's with the same adapters.
 - Seeded requests whose prefill is chunked: vLLM rewinds a seeded request's generator after
   a discarded sample with `set_offset`, which a CPU generator refuses (plain vLLM-CPU dies
-  too); patches 13 and 14 rewind by state in CLaSp workers. A seed still pins the output,
+  too); patches 15 and 16 rewind by state in CLaSp workers. A seed still pins the output,
   alone and in any batch.
 
 The engines share one small batch budget (128 tokens) so that long prompts are chunked, and

@@ -59,3 +59,4 @@ def test_metrics_docs_list_every_counter():
     documented = set(re.findall(r"^\| `(vllm:clasp_[a-z_]+)_total` \| counter", text, re.M))
     documented.discard("vllm:clasp_layer_skipped")  # labelled by layer, not in the table
     assert documented == {row.metric for row in COUNTERS}
+

@@ -82,41 +82,49 @@ def test_every_field_has_a_prefixed_key():
 # --------------------------------------------------------------------------- clasp_skip_layers
 
 
-@pytest.mark.parametrize("value", [0, 1, 12, 10_000])
-def test_skip_layers_good(value):
-    assert ClaspOptions(skip_layers=value).skip_layers == value
+# Per knob: values it accepts, and values it refuses with the words its error must contain.
+GOOD = {
+    "skip_layers": [0, 1, 12, 10_000, "auto"],
+    "skip_ratio": [0, 0.0, 0.25, 0.5, 0.999],
+    "loi": [1, 2, 8, 1000],
+    "draft_exit_threshold": [0, 0.0, 0.3, 0.7, 0.9999],
+    "draft_vocab_size": [0, 1, 1000, 49152],
+    "prompt_lookup_max": [0, 3, 8],
+    "prompt_lookup_min": [1, 3],
+    "adaptive": [True, False],
+    "share_skip_sets": [True, False],
+}
+BAD = {
+    "skip_layers": ([-1, -100, True, False, 1.0, 2.5, "3", [3]], "an integer >= 0"),
+    "skip_ratio": ([1, 1.0, 1.5, -0.01, -1, float("nan"), float("inf"), True, False, "0.5",
+                    [0.5]], "[0, 1)"),
+    # None is not "unset" where the default is not None: an explicit None is an error.
+    "loi": ([0, -1, True, False, 8.0, "8", None], "an integer >= 1"),
+    "draft_exit_threshold": ([1, 1.0, 1.01, -0.1, float("nan"), True, False, "0.5", None],
+                             "[0, 1)"),
+    "never_skip": ([3, "0,1", {0: 1}, {0, 1}], "list of layer indices"),
+    "draft_vocab_size": ([-1, -5, True, False, 1000.0, "1000"], "an integer >= 0"),
+    "prompt_lookup_max": ([-1, True, 2.0, "3", None], "an integer >= 0"),
+    "prompt_lookup_min": ([0, -1, True, 2.0, "3"], "an integer >= 1"),
+    "adaptive": ([1, 0, "true", None], "true or false"),
+    "share_skip_sets": ([1, 0, "true", None], "true or false"),
+}
 
 
-@pytest.mark.parametrize("value", [-1, -100])
-def test_skip_layers_out_of_range(value):
-    message = _error(skip_layers=value)
-    assert "clasp_skip_layers" in message and ">= 0" in message and repr(value) in message
+@pytest.mark.parametrize("knob, value", [(k, v) for k, values in GOOD.items() for v in values])
+def test_knob_accepts(knob, value):
+    assert getattr(ClaspOptions(**{knob: value}), knob) == value
 
 
-@pytest.mark.parametrize("value", [True, False, 1.0, 2.5, "3", [3]])
-def test_skip_layers_bad_type(value):
-    message = _error(skip_layers=value)
-    assert "clasp_skip_layers" in message and "an integer >= 0" in message
+@pytest.mark.parametrize("knob, value", [(k, v) for k, (values, _) in BAD.items() for v in values])
+def test_knob_refuses_with_its_name_and_range(knob, value):
+    message = _error(**{knob: value})
+    assert f"clasp_{knob}" in message and BAD[knob][1] in message, message
 
 
-# --------------------------------------------------------------------------- clasp_skip_ratio
-
-
-@pytest.mark.parametrize("value", [0, 0.0, 0.25, 0.5, 0.999])
-def test_skip_ratio_good(value):
-    assert ClaspOptions(skip_ratio=value).skip_ratio == value
-
-
-@pytest.mark.parametrize("value", [1, 1.0, 1.5, -0.01, -1, float("nan"), float("inf")])
-def test_skip_ratio_out_of_range(value):
-    message = _error(skip_ratio=value)
-    assert "clasp_skip_ratio" in message and "[0, 1)" in message
-
-
-@pytest.mark.parametrize("value", [True, False, "0.5", [0.5]])
-def test_skip_ratio_bad_type(value):
-    message = _error(skip_ratio=value)
-    assert "clasp_skip_ratio" in message and "[0, 1)" in message
+def test_an_out_of_range_integer_is_named_in_the_error():
+    for knob, value in (("skip_layers", -1), ("loi", 0)):
+        assert repr(value) in _error(**{knob: value})
 
 
 def test_skip_layers_and_ratio_are_mutually_exclusive():
@@ -127,61 +135,11 @@ def test_skip_layers_and_ratio_are_mutually_exclusive():
     assert "mutually exclusive" in _error(skip_layers=0, skip_ratio=0.0)
 
 
-# --------------------------------------------------------------------------- clasp_loi
-
-
-@pytest.mark.parametrize("value", [1, 2, 8, 1000])
-def test_loi_good(value):
-    assert ClaspOptions(loi=value).loi == value
-
-
-@pytest.mark.parametrize("value", [0, -1])
-def test_loi_out_of_range(value):
-    message = _error(loi=value)
-    assert "clasp_loi" in message and ">= 1" in message and repr(value) in message
-
-
-@pytest.mark.parametrize("value", [True, False, 8.0, "8", None])
-def test_loi_bad_type(value):
-    # None is not "unset": the field has a non-None default, so an explicit None is an error.
-    message = _error(loi=value)
-    assert "clasp_loi" in message and "an integer >= 1" in message
-
-
-# ------------------------------------------------------------ clasp_draft_exit_threshold
-
-
-@pytest.mark.parametrize("value", [0, 0.0, 0.3, 0.7, 0.9999])
-def test_threshold_good(value):
-    assert ClaspOptions(draft_exit_threshold=value).draft_exit_threshold == value
-
-
-@pytest.mark.parametrize("value", [1, 1.0, 1.01, -0.1, float("nan")])
-def test_threshold_out_of_range(value):
-    message = _error(draft_exit_threshold=value)
-    assert "clasp_draft_exit_threshold" in message and "[0, 1)" in message
-
-
-@pytest.mark.parametrize("value", [True, False, "0.5", None])
-def test_threshold_bad_type(value):
-    message = _error(draft_exit_threshold=value)
-    assert "clasp_draft_exit_threshold" in message and "[0, 1)" in message
-
-
-# --------------------------------------------------------------------------- clasp_never_skip
-
-
 @pytest.mark.parametrize("value", [[], [0], [0, -1], (3, 5, -2), [0, 0]])
 def test_never_skip_good_is_stored_as_tuple(value):
     options = ClaspOptions(never_skip=value)
     assert options.never_skip == tuple(value)
     assert isinstance(options.never_skip, tuple)
-
-
-@pytest.mark.parametrize("value", [3, "0,1", {0: 1}, {0, 1}])
-def test_never_skip_not_a_list(value):
-    message = _error(never_skip=value)
-    assert "clasp_never_skip" in message and "list of layer indices" in message
 
 
 @pytest.mark.parametrize("value", [[True], [0, 1.0], ["0"], [None]])
@@ -190,45 +148,10 @@ def test_never_skip_bad_element(value):
     assert "clasp_never_skip" in message and "an integer" in message
 
 
-# --------------------------------------------------------------------------- clasp_draft_vocab_size
-
-
-@pytest.mark.parametrize("value", [0, 1, 1000, 49152])
-def test_draft_vocab_size_good(value):
-    assert ClaspOptions(draft_vocab_size=value).draft_vocab_size == value
-
-
-@pytest.mark.parametrize("value", [-1, -5])
-def test_draft_vocab_size_out_of_range(value):
-    message = _error(draft_vocab_size=value)
-    assert "clasp_draft_vocab_size" in message and ">= 0" in message
-
-
-@pytest.mark.parametrize("value", [True, False, 1000.0, "1000"])
-def test_draft_vocab_size_bad_type(value):
-    message = _error(draft_vocab_size=value)
-    assert "clasp_draft_vocab_size" in message and "an integer >= 0" in message
-
-
-# --------------------------------------------------------------------------- prompt lookup
-
-
 @pytest.mark.parametrize("maximum, minimum", [(0, 1), (0, 5), (3, 1), (3, 3), (8, 2)])
 def test_prompt_lookup_good(maximum, minimum):
     options = ClaspOptions(prompt_lookup_max=maximum, prompt_lookup_min=minimum)
     assert (options.prompt_lookup_max, options.prompt_lookup_min) == (maximum, minimum)
-
-
-@pytest.mark.parametrize("value", [-1, True, 2.0, "3", None])
-def test_prompt_lookup_max_bad(value):
-    message = _error(prompt_lookup_max=value)
-    assert "clasp_prompt_lookup_max" in message and "an integer >= 0" in message
-
-
-@pytest.mark.parametrize("value", [0, -1, True, 2.0, "3"])
-def test_prompt_lookup_min_bad(value):
-    message = _error(prompt_lookup_min=value)
-    assert "clasp_prompt_lookup_min" in message and "an integer >= 1" in message
 
 
 def test_prompt_lookup_min_follows_a_small_max():
@@ -242,20 +165,6 @@ def test_prompt_lookup_min_above_max():
     message = _error(prompt_lookup_max=2, prompt_lookup_min=3)
     assert "clasp_prompt_lookup_min=3" in message and "clasp_prompt_lookup_max=2" in message
     assert "must be <=" in message
-
-
-# --------------------------------------------------------------------------- clasp_adaptive
-
-
-@pytest.mark.parametrize("value", [True, False])
-def test_adaptive_good(value):
-    assert ClaspOptions(adaptive=value).adaptive is value
-
-
-@pytest.mark.parametrize("value", [1, 0, "true", None])
-def test_adaptive_bad(value):
-    message = _error(adaptive=value)
-    assert "clasp_adaptive" in message and "true or false" in message
 
 
 # --------------------------------------------------------------------------- from_dict

@@ -1,8 +1,8 @@
 """CLaSp's metrics in the front end: Prometheus `vllm:clasp_*` and a periodic log line.
 
 The worker's counters (`stats.ClaspStats`) reach here as a delta per engine step in
-`SchedulerStats.clasp` (patches 7-9). vLLM builds this logger next to its own for CLaSp
-configs with stats on (patch 10), so `/metrics` of `vllm serve` and `LLM.get_metrics()` show
+`SchedulerStats.clasp` (patches 7-10). vLLM builds this logger next to its own for CLaSp
+configs with stats on (patches 11, 12), so `/metrics` of `vllm serve` and `LLM.get_metrics()` show
 them beside vLLM's `vllm:spec_decode_*` metrics. Names and meanings: docs/metrics.md.
 """
 

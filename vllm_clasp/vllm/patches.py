@@ -356,7 +356,7 @@ PATCHES = [
         removal=_METRICS_REMOVAL,
     ),
     Patch(
-        RUNNER, "execute_model", _execute_model, number=7, scope=Scope.IMPORT,
+        RUNNER, "execute_model", _execute_model, number=8, scope=Scope.IMPORT,
         host_parameters=("self", "scheduler_output", "intermediate_tensors"),
         why="a step that only reports finished requests never reaches drafting",
         what="at the start of every step drop finished / preempted requests' CLaSp state; "
@@ -364,7 +364,7 @@ PATCHES = [
         removal="a request-finished hook for drafters",
     ),
     Patch(
-        f"{SCHEDULER_MODULE}:Scheduler", "update_from_output", _update_from_output, number=8,
+        f"{SCHEDULER_MODULE}:Scheduler", "update_from_output", _update_from_output, number=9,
         scope=Scope.IMPORT, host_parameters=("self", "scheduler_output", "model_runner_output"),
         why="the scheduler builds `SchedulerStats` from fields it knows",
         what="move `clasp_metrics` from the runner output into the step's "
@@ -372,13 +372,13 @@ PATCHES = [
         removal=_METRICS_REMOVAL,
     ),
     FieldPatch(
-        f"{STATS_MODULE}:SchedulerStats", "clasp", dict | None, number=9, scope=Scope.IMPORT,
+        f"{STATS_MODULE}:SchedulerStats", "clasp", dict | None, number=10, scope=Scope.IMPORT,
         why="stats reach the front end through msgspec, which carries dataclass fields only",
         what="a defaulted `clasp: dict | None` field",
         removal=_METRICS_REMOVAL,
     ),
     Patch(
-        "vllm.v1.engine.async_llm:AsyncLLM", "__init__", _engine_init, number=10,
+        "vllm.v1.engine.async_llm:AsyncLLM", "__init__", _engine_init, number=11,
         scope=Scope.IMPORT,
         host_parameters=("self", "vllm_config", "executor_class", "log_stats", "usage_context",
                          "mm_registry", "log_requests", "start_engine_loop", "stat_loggers",
@@ -391,7 +391,7 @@ PATCHES = [
         removal=_LOGGER_REMOVAL,
     ),
     Patch(
-        "vllm.v1.engine.llm_engine:LLMEngine", "__init__", _engine_init, number=10,
+        "vllm.v1.engine.llm_engine:LLMEngine", "__init__", _engine_init, number=12,
         scope=Scope.IMPORT,
         host_parameters=("self", "vllm_config", "executor_class", "log_stats",
                          "aggregate_engine_logging", "usage_context", "stat_loggers",
@@ -401,7 +401,7 @@ PATCHES = [
         removal=_LOGGER_REMOVAL,
     ),
     Patch(
-        SAMPLER_MODULE, "apply_sampling_constraints", _apply_sampling_constraints, number=11,
+        SAMPLER_MODULE, "apply_sampling_constraints", _apply_sampling_constraints, number=13,
         scope=Scope.WORKER,
         host_parameters=("logits", "cu_num_draft_tokens", "sampling_metadata"),
         why="the V1 runner builds speculative metadata for every step, also one with no draft "
@@ -413,7 +413,7 @@ PATCHES = [
                 "there)",
     ),
     Patch(
-        RUNNER, "initialize_kv_cache", _initialize_kv_cache, number=12, scope=Scope.IMPORT,
+        RUNNER, "initialize_kv_cache", _initialize_kv_cache, number=14, scope=Scope.IMPORT,
         host_parameters=("self", "kv_cache_config", "is_profiling",
                          "kv_cache_allocation_context"),
         why="the drafter learns the KV-cache layout (groups, block tables, attention "
@@ -424,7 +424,7 @@ PATCHES = [
         removal="a drafter hook called with the KV-cache config (V2's speculators get one)",
     ),
     Patch(
-        RUNNER, "_sample", _sample_keeps_generators, number=13, scope=Scope.CPU_WORKER,
+        RUNNER, "_sample", _sample_keeps_generators, number=15, scope=Scope.CPU_WORKER,
         host_parameters=("self", "logits", "spec_decode_metadata"),
         why="vLLM rewinds a seeded request's generator after a sample it discards (every "
             "prefill chunk but the last) with `set_offset`, which a CPU generator refuses: on "
@@ -436,23 +436,22 @@ PATCHES = [
                 "still there)",
     ),
     Patch(
-        RUNNER, "_bookkeeping_sync", _bookkeeping_skips_rewound, number=14,
+        RUNNER, "_bookkeeping_sync", _bookkeeping_skips_rewound, number=16,
         scope=Scope.CPU_WORKER,
         host_parameters=("self", "scheduler_output", "sampler_output", "logits",
                          "hidden_states", "num_scheduled_tokens"),
-        why="as for 13: its `set_offset` rewind raises for CPU generators",
-        what="hide the generators patch 13 already rewound from that loop for the call",
-        removal="as for 13",
+        why="as for 15: its `set_offset` rewind raises for CPU generators",
+        what="hide the generators patch 15 already rewound from that loop for the call",
+        removal="as for 15",
     ),
 ]
 
 
-def patch(number: int, attribute: str | None = None) -> Patch | FieldPatch:
-    """The patch with this number (and attribute, where a number covers two symbols)."""
-    found = [p for p in PATCHES if p.number == number
-             and (attribute is None or p.attribute == attribute)]
+def patch(number: int) -> Patch | FieldPatch:
+    """The patch with this number (each number names one patch)."""
+    found = [p for p in PATCHES if p.number == number]
     if len(found) != 1:
-        raise KeyError(f"{len(found)} patches numbered {number} ({attribute})")
+        raise KeyError(f"{len(found)} patches numbered {number}")
     return found[0]
 
 
@@ -486,9 +485,19 @@ def apply_all() -> None:
         when_imported(module, lambda patches=patches: _apply(patches))
 
 
+_worker_fixes_applied = False
+
+
 def apply_worker_fixes() -> None:
-    """The sampler fixes, in a process whose runner serves CLaSp (once per process)."""
+    """The worker-scoped patches, in a process whose runner serves CLaSp. Every CLaSp runner
+    calls this (a process may build several engines); the first call applies them and later
+    calls do nothing, unlike `apply_all`, which runs once per process behind `register()`'s
+    guard and raises if called again."""
+    global _worker_fixes_applied
+    if _worker_fixes_applied:
+        return
     from vllm.platforms import current_platform
 
     scopes = {Scope.WORKER} | ({Scope.CPU_WORKER} if current_platform.is_cpu() else set())
-    _apply(p for p in PATCHES if p.scope in scopes and not p.applied)
+    _apply(p for p in PATCHES if p.scope in scopes)
+    _worker_fixes_applied = True

@@ -30,12 +30,12 @@ from vllm_clasp.vllm.paged_rows import PagedRows
 
 class SkipForward:
     def __init__(self, stack: DecoderStack, vllm_config, options: ResolvedClaspOptions,
-                 num_speculative_tokens: int,
+                 max_draft_tokens: int,
                  broadcast: Callable[[torch.Tensor], torch.Tensor]):
         self.stack = stack
         self.vllm_config = vllm_config
         self.options = options
-        self.num_speculative_tokens = num_speculative_tokens
+        self.max_draft_tokens = max_draft_tokens  # the longest layer-skip draft (>= 1)
         self.broadcast = broadcast
         self.never_skip = torch.tensor(options.never_skip)  # [L] bool
         self.paged: PagedRows | None = None  # the runner's KV cache, bound at start-up
@@ -102,7 +102,8 @@ class SkipForward:
         sampling,  # the runner's SamplingMetadata: temperature [n], generators by row
         stats: ClaspStats,
     ) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
-        """(tokens [R, K] int64, q [R, K, V'] float32 or None when all greedy, lengths [R]).
+        """(tokens [R, K'] int64, q [R, K', V'] float32 or None when all greedy, lengths [R]),
+        K' = max_draft_tokens.
 
         Each draft step runs the active rows' kept layers on one token each; a row stops
         after its draft's top-1 probability falls under the threshold, or at max_draft."""
@@ -110,7 +111,7 @@ class SkipForward:
         temperature = None if sampling.all_greedy else sampling.temperature  # [n] device
         threshold = self.options.draft_exit_threshold
         current = last_tokens.to(self.paged.device)  # [R]
-        out_tokens = torch.zeros(R, self.num_speculative_tokens, dtype=torch.long)
+        out_tokens = torch.zeros(R, self.max_draft_tokens, dtype=torch.long)
         out_probs = None  # [R, K, V'] once a sampled row drafts
         lengths = [0] * R
         active = torch.arange(R)  # rows still drafting (CPU)
@@ -123,7 +124,7 @@ class SkipForward:
             out_tokens[active, step] = new_tokens
             if temperature is not None:
                 if out_probs is None:
-                    out_probs = probs.new_zeros(R, self.num_speculative_tokens, probs.shape[-1])
+                    out_probs = probs.new_zeros(R, self.max_draft_tokens, probs.shape[-1])
                 out_probs[active.to(probs.device), step] = probs
             for row in active.tolist():
                 lengths[row] = step + 1
