@@ -79,7 +79,7 @@ def test_every_field_has_a_prefixed_key():
     assert sorted("clasp_" + f.name for f in dataclasses.fields(ClaspOptions)) == ALL_KEYS
 
 
-# --------------------------------------------------------------------------- clasp_skip_layers
+# --------------------------------------------------------------------------- values
 
 
 # Per knob: values it accepts, and values it refuses with the words its error must contain.
