@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from vllm_clasp.tools import cli, cpu_env, demo
-from vllm_clasp.tools.bench import BenchOptions, options_from_args
+from vllm_clasp.tools.bench import BenchOptions
+from vllm_clasp.tools.bench_cli import options_from_args
 from vllm_clasp.tools.methods import parse_int_list, parse_methods
 from vllm_clasp.tools.questions import (
     MT_BENCH_CATEGORIES,
@@ -446,7 +447,7 @@ def test_quiet_prints_the_log_tail_when_the_run_fails(tmp_path, monkeypatch, cap
 def test_a_run_with_failed_engines_shows_the_log_tail(tmp_path, monkeypatch, capfd):
     """bench/demo catch an engine that fails to start or generate and go on with the others;
     the log's last lines (vLLM's reason) still reach the terminal, and the result comes back."""
-    from vllm_clasp.tools import bench
+    from vllm_clasp.tools import bench, bench_cli
     from vllm_clasp.tools.console import LOG_DIR_ENV
 
     monkeypatch.setenv(LOG_DIR_ENV, str(tmp_path))
@@ -456,12 +457,12 @@ def test_a_run_with_failed_engines_shows_the_log_tail(tmp_path, monkeypatch, cap
         return {"errors": [{"method": "clasp", "phase": "build", "error": "boom"}]}
 
     monkeypatch.setattr(bench, "run_bench", run_bench)
-    result = bench.run_for_cli("bench", bench.BenchOptions(iomp=False), verbose=False)
+    result = bench_cli.run_for_cli("bench", bench.BenchOptions(iomp=False), verbose=False)
     assert result["errors"][0]["method"] == "clasp"
     err = capfd.readouterr().err
     assert "failed; the last lines of" in err and "the reason vLLM gave" in err
     monkeypatch.setattr(bench, "run_bench", lambda options: {"errors": []})
-    assert bench.run_for_cli("bench", bench.BenchOptions(iomp=False), verbose=False) == {
+    assert bench_cli.run_for_cli("bench", bench.BenchOptions(iomp=False), verbose=False) == {
         "errors": []}
     assert "the last lines of" not in capfd.readouterr().err
 
@@ -479,7 +480,7 @@ def test_recorded_config_leaves_the_console_out():
 
 
 def test_prompts_use_the_chat_template_or_the_text_for_a_base_model():
-    from vllm_clasp.tools.bench import chat_prompts
+    from vllm_clasp.tools.questions import chat_prompts
     from vllm_clasp.tools.questions import Question
 
     class Tokenizer:

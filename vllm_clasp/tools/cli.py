@@ -114,15 +114,15 @@ def _run_model(args: argparse.Namespace) -> int:
 
 
 def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    from vllm_clasp.tools import bench  # cheap: vLLM is imported only when the benchmark runs
+    from vllm_clasp.tools import bench_cli  # cheap: vLLM is imported only when it runs
 
-    bench.add_arguments(parser)
+    bench_cli.add_arguments(parser)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from vllm_clasp.tools import bench
+    from vllm_clasp.tools import bench_cli
 
-    return bench.run_cli(args)
+    return bench_cli.run_cli(args)
 
 
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:

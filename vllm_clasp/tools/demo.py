@@ -14,7 +14,8 @@ import argparse
 import os
 import sys
 
-from vllm_clasp.tools.bench import EXIT_ERROR, EXIT_USAGE, BenchOptions, run_for_cli
+from vllm_clasp.tools.bench import EXIT_ERROR, EXIT_USAGE, BenchOptions
+from vllm_clasp.tools.bench_cli import run_for_cli
 from vllm_clasp.tools.methods import parse_methods
 from vllm_clasp.tools.questions import DEFAULT_QUESTIONS, Question
 from vllm_clasp.tools.report import find_row, versus

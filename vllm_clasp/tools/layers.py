@@ -108,10 +108,10 @@ def collect(args: argparse.Namespace, console) -> dict:
     from tqdm import tqdm
     from vllm import LLM, SamplingParams
 
-    from vllm_clasp.tools.bench import BenchOptions, chat_prompts
+    from vllm_clasp.tools.bench import BenchOptions
     from vllm_clasp.tools.engine import clasp_state, shutdown
     from vllm_clasp.tools.model_prep import prepare_model
-    from vllm_clasp.tools.questions import resolve_questions
+    from vllm_clasp.tools.questions import chat_prompts, resolve_questions
 
     import os
 

@@ -1,7 +1,8 @@
 """The benchmark's prompts: Spec-Bench questions, their groups, and which of them a run uses.
 
-Owns the question record, reading a Spec-Bench `question.jsonl`, and the selection rule (per
-group, after an offset, MT-bench round-robin over its categories). No vLLM, no engines.
+Owns the question record, reading a Spec-Bench `question.jsonl`, the selection rule (per
+group, after an offset, MT-bench round-robin over its categories), and turning questions into
+chat prompts with a model's tokenizer. No vLLM, no engines.
 """
 
 from __future__ import annotations
@@ -10,10 +11,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Sequence
-
-if TYPE_CHECKING:
-    from vllm_clasp.tools.bench import BenchOptions
+from typing import Iterable, Protocol, Sequence
 
 logger = logging.getLogger("vllm_clasp.tools.bench")
 
@@ -91,7 +89,17 @@ def _round_robin(items: list[Question]) -> list[Question]:
     return out
 
 
-def resolve_questions(options: BenchOptions) -> list[Question]:
+class Selection(Protocol):
+    """Which questions a run uses (`bench.BenchOptions` is one)."""
+
+    questions: str | None  # a question.jsonl (None: DEFAULT_QUESTIONS)
+    question_list: list[Question] | None  # questions to use instead of a file
+    categories: Sequence[str]
+    per_category: int
+    offset: int
+
+
+def resolve_questions(options: Selection) -> list[Question]:
     """The questions a run uses: `options.question_list` or the questions file, selected."""
     if options.question_list is not None:
         return select_questions(options.question_list, options.categories, options.per_category,
@@ -104,3 +112,32 @@ def resolve_questions(options: BenchOptions) -> list[Question]:
             "to a Spec-Bench question.jsonl")
     return select_questions(load_questions(path), options.categories, options.per_category,
                             options.offset)
+
+
+def chat_prompt(tokenizer, text: str) -> str:
+    """`text` as the user's turn in the chat template; a base model without one: the text
+    itself, as a completion prompt."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                             tokenize=False, add_generation_prompt=True)
+    return text
+
+
+def chat_prompts(tokenizer, questions: list[Question], max_model_len: int
+                 ) -> tuple[list[Question], list[str], list[int]]:
+    """Each question's first turn as a prompt (`chat_prompt`), and its length in tokens;
+    questions whose prompt does not fit `max_model_len` are dropped (with a warning)."""
+    prompts = [chat_prompt(tokenizer, q.text) for q in questions]
+    special = not getattr(tokenizer, "chat_template", None)  # a template holds them already
+    if special:
+        logger.info("the model has no chat template: questions are completion prompts")
+    prompt_tokens = [len(tokenizer(p, add_special_tokens=special)["input_ids"])
+                     for p in prompts]
+    keep = [i for i, n in enumerate(prompt_tokens) if n < max_model_len]
+    if len(keep) < len(questions):
+        logger.warning("skipping %d prompts longer than --max-model-len",
+                       len(questions) - len(keep))
+        questions = [questions[i] for i in keep]
+        prompts = [prompts[i] for i in keep]
+        prompt_tokens = [prompt_tokens[i] for i in keep]
+    return questions, prompts, prompt_tokens
