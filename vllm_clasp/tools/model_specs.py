@@ -4,6 +4,7 @@ directory must look like (`model_prep` prepares them, `gguf_convert` converts th
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import sys
 
 
@@ -96,3 +97,11 @@ KNOWN_MODELS: dict[str, ModelSpec] = {
         "packages, dequantised to float32",
     ),
 }
+
+
+def installed_version(package: str) -> str | None:
+    """The installed version of a distribution (None: not installed)."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
