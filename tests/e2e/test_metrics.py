@@ -59,7 +59,9 @@ def test_prometheus_counters_equal_the_workers_counters(engines):
         print(f"{name}: {prom:.0f} (worker {worker})")
         # The last step's delta is sent with the step after it (stats are built after drafting).
         assert worker - 8 <= prom <= worker, (name, prom, worker)
-    assert worker_after["num_dp_runs"] - worker_before["num_dp_runs"] >= 6
+    # The six requests draft together, so they share one skip set: one DP run per LOI for
+    # the group (96 tokens, LOI 16), not one per request.
+    assert worker_after["num_dp_runs"] - worker_before["num_dp_runs"] >= 2
     assert worker_after["num_reoptimizations"] > worker_before["num_reoptimizations"]
     # After the short request only it can still be tracked; finished requests are freed.
     model = str(llm.llm_engine.vllm_config.model_config.served_model_name)

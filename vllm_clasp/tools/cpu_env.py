@@ -52,7 +52,7 @@ def _iomp_wanted(enabled: bool) -> str | None:
     if "libgomp" in preload:
         # GNU OpenMP is preloaded already (by the user, or by vLLM in a parent process that
         # ran an engine): vLLM refuses both at once (OMPProcessManager asserts), so keep it.
-        logger.info("LD_PRELOAD already holds libgomp; not adding Intel OpenMP")
+        logger.debug("LD_PRELOAD already holds libgomp; not adding Intel OpenMP")
         return None
     path = find_iomp()
     return path if path and _on_cpu() else None
