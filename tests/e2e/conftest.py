@@ -10,7 +10,8 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-from collections import OrderedDict
+import time
+from collections import Counter, OrderedDict
 
 import pytest
 
@@ -20,6 +21,9 @@ os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
 MAX_ALIVE = 3
 MAX_MODEL_LEN = 2048
+BUILDS: Counter = Counter()
+"""Shared-pool engine starts per configuration key, and their seconds (the session summary
+prints them: where CI's time goes, and which configurations the LRU pool starts twice)."""
 
 
 def chat(tokenizer, prompt: str) -> str:
@@ -57,10 +61,13 @@ class EnginePool:
             gc.collect()
         from vllm import LLM
 
+        start = time.monotonic()
         llm = LLM(
             model=model, dtype=dtype, enforce_eager=True, max_model_len=MAX_MODEL_LEN,
             speculative_config=speculative_config, disable_log_stats=False, seed=0, **kwargs,
         )
+        BUILDS[key] += 1
+        BUILDS["seconds"] += time.monotonic() - start
         self._alive[key] = llm
         return llm
 
@@ -68,6 +75,15 @@ class EnginePool:
         while self._alive:
             shutdown(self._alive.popitem()[1])
         gc.collect()
+
+
+def pytest_terminal_summary(terminalreporter):
+    starts = sum(n for key, n in BUILDS.items() if key != "seconds")
+    if starts:
+        again = sum(n - 1 for key, n in BUILDS.items() if key != "seconds" and n > 1)
+        terminalreporter.write_line(
+            f"shared engines: {starts} starts ({again} of a configuration started before), "
+            f"{BUILDS['seconds']:.0f} s starting them")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,7 +1,7 @@
 """CI-sized `vllm-clasp bench`: one Spec-Bench question per group, batch sizes 1 and 8.
 
-Runs the real CLI in a subprocess (per batch size four fresh engines held at once: plain,
-clasp, clasp with drafting forced on, vLLM's suffix method) with the repeat scenario, and
+Runs the real CLI in a subprocess (per batch size three fresh engines held at once: plain,
+clasp, vLLM's suffix method) with the repeat scenario, and
 checks that it finishes, writes results.json covering every group, batch size and scenario,
 and that greedy outputs equal plain decoding's. It fails on output mismatch, never on speed.
 """
@@ -20,12 +20,9 @@ pytestmark = pytest.mark.engine
 
 QUESTIONS = Path(__file__).resolve().parents[3] / "shared" / "data" / "spec_bench" / "question.jsonl"
 GROUPS = ["mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag"]
-# `clasp` with its defaults may measure drafting slower on 32-token answers and turn it off
-# (its adaptive draft budget); `clasp-always` drafts on every step, so the draft path is
-# exercised whatever the machine's noise decides.
-ALWAYS_DRAFT = 'clasp-always={"method": "clasp", "clasp_adaptive": false}'
-METHOD_SPECS = ["plain", "clasp", ALWAYS_DRAFT, "suffix"]
-METHODS = ["plain", "clasp", "clasp-always", "suffix"]
+# `clasp` with its defaults (its layer-skip drafts, forced on, are exercised by the engine
+# tests; a fourth engine here would cost CI ~2 minutes).
+METHOD_SPECS = METHODS = ["plain", "clasp", "suffix"]
 TIMEOUT_S = 900
 
 
@@ -57,7 +54,7 @@ def test_bench_small(tmp_path, model_dir):
                 assert (bs, group, method) in repeat, (bs, group, method)
     for method in METHODS[1:]:  # the repeat scenario is compared to plain too
         assert result["mismatches"][method]["compared"] == 2 * 2 * 6
-    for method in ("clasp", "clasp-always", "suffix"):
+    for method in ("clasp", "suffix"):
         for bs in (1, 8):
             row = rows[(bs, "overall", method)]
             assert row["identical"] == row["compared"] == 6, result["mismatches"][method]
@@ -65,9 +62,9 @@ def test_bench_small(tmp_path, model_dir):
                 assert row["drafts"] > 0 or row["clasp"]["num_speculation_off_steps"] > 0, row
             else:
                 assert row["drafts"] > 0, f"{method} at batch size {bs} never drafted"
-    clasp = rows[(1, "overall", "clasp-always")]["clasp"]
-    assert clasp["search_time_s"] > 0 and clasp["draft_time_s"] > 0
-    assert clasp["planning_time_s"] > 0
+    clasp = rows[(1, "overall", "clasp")]["clasp"]
+    assert clasp["planning_time_s"] > 0 and clasp["search_time_s"] >= 0
+    assert "clasp vs suffix" in proc.stdout
     assert (out / "speedup_by_group.png").is_file()
     assert (out / "speedup_vs_batch_size.png").is_file()
     assert "outputs identical to plain" in proc.stdout
