@@ -171,12 +171,14 @@ def test_copy_source_none_copies_nothing():
         assert plan.copied == {} and plan.model_rows == [0], knobs
 
 
-@pytest.mark.parametrize("source, expected", [("auto", "suffix"), ("ngram", "ngram"),
-                                              ("none", "none"), ("suffix", "suffix")])
-def test_copy_source_resolves(source, expected):
+@pytest.mark.parametrize("source, expected, k", [
+    ("auto", "suffix", 24), ("ngram", "ngram", 8), ("none", "none", 8),
+    ("suffix", "suffix", 24), ("suffix+ngram", "suffix+ngram", 24)])
+def test_copy_source_resolves(source, expected, k):
     resolved = ClaspOptions(copy_source=source).resolve(30, 100)
     assert resolved.copy_source == expected
     assert resolved.max_model_draft_tokens == 8
+    assert ClaspOptions(copy_source=source).default_num_speculative_tokens() == k
 
 
 def test_auto_without_arctic_inference_falls_back_to_ngram(monkeypatch):
@@ -244,3 +246,27 @@ def test_every_registered_source_satisfies_the_interface():
     from vllm_clasp.core.options import COPY_SOURCES
 
     assert COPY_SOURCES == ("auto", *draft_source.SOURCES, "none")
+
+
+def test_suffix_then_ngram_extends_a_short_tree_draft_with_the_lookup():
+    """The trees stop at the matched length (spec factor 1); the lookup copies further after
+    the same match, so its longer draft is taken and valued as an n-gram draft."""
+    row = list(PROMPT) + list(PROMPT[1:4])  # output repeats "1 2 3" of the prompt
+    trees = _planner(copy_source="suffix").plan(_inputs([row], prompt=len(PROMPT)))
+    both = _planner(copy_source="suffix+ngram").plan(_inputs([row], prompt=len(PROMPT)))
+    assert trees.copied[0].tolist() == [4, 5, 6]
+    assert both.copied[0].tolist()[:3] == [4, 5, 6] and len(both.copied[0]) > 3
+    assert both.copy_source == {0: NGRAM}
+
+
+def test_suffix_then_ngram_keeps_the_trees_draft_where_the_two_disagree():
+    """A past response makes the trees propose what the request's own context does not
+    hold: the trees' draft stays (and is valued as a suffix draft)."""
+    planner = _planner(copy_source="suffix+ngram")
+    response = [40, 41, 42, 43, 44, 45, 46, 47]
+    for n in range(3, len(response) + 1):
+        planner.plan(_inputs([[1, 2] + response[:n]], prompt=2))
+    planner.forget(["a"])
+    late = [60, 61, 40, 41, 42, 43]
+    plan = planner.plan(_inputs([late], prompt=2, ids="b"))
+    assert plan.copied[0].tolist()[:2] == [44, 45] and plan.copy_source == {0: SUFFIX}

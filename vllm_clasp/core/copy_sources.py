@@ -55,7 +55,7 @@ class CopiedDrafts:
             draft = copier.propose(step.req_ids[i], step.token_ids[i, : step.num_tokens[i]],
                                  int(step.max_draft[i]))
             if len(draft.tokens):
-                found[i], source[i] = draft.tokens, copier.name
+                found[i], source[i] = draft.tokens, draft.source or copier.name
                 if draft.probs is not None:
                     probs[i] = draft.probs
         return found, source, probs

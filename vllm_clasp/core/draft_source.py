@@ -25,6 +25,7 @@ import numpy as np
 class CopiedDraft:
     tokens: np.ndarray  # [<= max_draft] int64
     probs: np.ndarray | None = None  # [len(tokens)] the source's estimate per token, if any
+    source: str | None = None  # the source that made it, where a source combines others
 
 
 @runtime_checkable
@@ -52,6 +53,9 @@ SOURCES: dict[str, SourceEntry] = {
     "suffix": SourceEntry("vllm_clasp.core.suffix_trees:SuffixTrees", "arctic_inference"),
     # Prompt lookup in the request's own context (vLLM's `ngram` method's idea).
     "ngram": SourceEntry("vllm_clasp.core.ngram_lookup:NgramLookup"),
+    # The suffix trees, and n-gram lookup where they propose nothing.
+    "suffix+ngram": SourceEntry("vllm_clasp.core.suffix_then_ngram:SuffixThenNgram",
+                                "arctic_inference"),
 }
 """Copy sources by `clasp_copy_source` value, in the order "auto" prefers them."""
 

@@ -91,7 +91,8 @@ class ClaspOptions:
     """Where copied drafts (free to make: no model pass) come from, besides the layer-skip
     drafts. "suffix": suffix trees over the request's prompt and past responses of all
     requests (arctic-inference's SuffixDecodingCache, as vLLM's `suffix` method);
-    "ngram": the request's own context (prompt lookup); "none": layer-skip drafts only, as
+    "ngram": the request's own context (prompt lookup); "suffix+ngram": the suffix trees,
+    and prompt lookup where they propose nothing; "none": layer-skip drafts only, as
     in the paper. "auto": suffix when arctic-inference is installed, else ngram (logged
     once). Seeded requests always copy with ngram (their own context only)."""
     max_model_draft_tokens: int | None = None
@@ -178,15 +179,17 @@ class ClaspOptions:
         return cls(**kwargs)
 
     def resolved_copy_source(self) -> str:
-        """"suffix", "ngram" or "none": what `copy_source` means on this machine. Asking
-        for "suffix" without arctic-inference is an error that says how to install it."""
+        """A `draft_source.SOURCES` name or "none": what `copy_source` means on this
+        machine. Asking for a suffix-tree source without arctic-inference is an error that
+        says how to install it."""
         if self.copy_source == "none" or self.prompt_lookup_max == 0:
             return "none"
         if self.copy_source == "auto":
             return next(name for name in draft_source.SOURCES if draft_source.available(name))
         if not draft_source.available(self.copy_source):
             library = draft_source.SOURCES[self.copy_source].library
-            hint = SUFFIX_INSTALL_HINT if self.copy_source == "suffix" else f"pip install {library}"
+            hint = (SUFFIX_INSTALL_HINT if library == "arctic_inference"
+                    else f"pip install {library}")
             raise ValueError(
                 f"clasp_copy_source={self.copy_source!r} needs {library}, which is not "
                 f"installed: {hint}; or use clasp_copy_source='ngram'"
@@ -196,7 +199,7 @@ class ClaspOptions:
     def default_num_speculative_tokens(self) -> int:
         """K when the config does not give one: the suffix tree depth with suffix copies (as
         vLLM's `suffix` method), else 8."""
-        if self.resolved_copy_source() == "suffix":
+        if self.resolved_copy_source().startswith("suffix"):
             return self.suffix_decoding_max_tree_depth
         return DEFAULT_NUM_SPECULATIVE_TOKENS
 
@@ -267,7 +270,7 @@ class ResolvedClaspOptions:
     draft_exit_threshold: float
     draft_vocab_size: int
     """Token ids [0, draft_vocab_size) form the draft head; == vocabulary size means all."""
-    copy_source: str  # "suffix" | "ngram" | "none"
+    copy_source: str  # a draft_source.SOURCES name ("suffix", "ngram", ...) | "none"
     max_model_draft_tokens: int  # 0: no layer-skip drafts
     prompt_lookup_max: int  # the ngram source (also seeded requests' copies)
     prompt_lookup_min: int

@@ -38,7 +38,7 @@ def unavailable(method: "Method") -> str | None:
 
     config = method.speculative_config or {}
     wants_suffix = (config.get("method") == "suffix"
-                    or config.get("clasp_copy_source") == "suffix")
+                    or str(config.get("clasp_copy_source")).startswith("suffix"))
     if wants_suffix and not suffix_library_available():
         return f"arctic-inference is not installed ({SUFFIX_INSTALL_HINT})"
     return None
