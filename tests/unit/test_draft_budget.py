@@ -267,3 +267,25 @@ def test_model_drafts_need_the_margin():
     assert choose_rows([0.02], 0.0, 0.0, expected=1.0, seconds=1.0, margin=1.03) == [False]
     assert choose_rows([0.05], 0.0, 0.0, expected=1.0, seconds=1.0, margin=1.03) == [True]
     assert MODEL_DRAFT_MARGIN == 1.10
+
+
+def test_a_new_bucket_skips_model_exploration_where_another_kept_model_drafts_off():
+    """Batch 8 fitted and backed off (its decisions never drafted with the model): the
+    batch-4 bucket, without a fit yet, verifies every copy but drafts with the model on none
+    of its first steps. Once a fitted decision drafts, unfitted buckets explore again."""
+    budget = DraftBudget(explore_every=4)
+    budget.start_step(8)
+    for i in range(20):
+        budget.observe(8, 8 + i % 5, 0.05 + 0.001 * (8 + i % 5))
+    for _ in range(12):  # past one exploration interval, no model draft chosen
+        cost = budget.start_step(8)
+        budget.model_rows(cost, [0.01], expected=1.0, seconds=0.05)
+    fresh = DraftBudget(explore_every=4)  # the same steps, nothing learnt elsewhere
+    for b in (budget, fresh):
+        assert b.start_step(4) is None  # no fit for batch 4 yet: verify every candidate
+    assert budget.model_rows(None, [0.5, 0.9], expected=1.0, seconds=0.05) == [False, False]
+    assert fresh.model_rows(None, [0.5, 0.9], expected=1.0, seconds=0.05) == [False, True]
+    budget.start_step(8)
+    assert budget.model_rows(budget.start_step(8), [50.0], expected=1.0, seconds=0.05) == [True]
+    budget.start_step(4)
+    assert budget.model_rows(None, [0.5, 0.9], expected=1.0, seconds=0.05) == [False, True]

@@ -27,7 +27,8 @@ its fit exists, so an over-estimated per-token cost is noticed; on those steps o
 fitted decisions between two model explorations chose no model draft at all, the model's
 exploration interval doubles (up to `MAX_EXPLORE_EVERY`): where model drafts cannot pay,
 exploring them costs ~nothing, while copies are still verified in full every
-`explore_every`-th step.
+`explore_every`-th step. A bucket without a fit yet explores model drafts on every step
+only while no other bucket's fitted decisions have kept them off.
 """
 
 from __future__ import annotations
@@ -304,6 +305,15 @@ class DraftBudget:
         self._drafted[bucket] = False
         return True
 
+    def _model_drafts_off_elsewhere(self) -> bool:
+        """Whether another bucket's fitted decisions kept model drafts off for a whole
+        exploration interval, and no bucket's have drafted since: then a bucket without a fit
+        yet does not draft with the model on every step until it has one (its own fit's
+        schedule explores them later). A batch that drains from 8 requests to 1 meets four
+        buckets; without this, each explored model drafts on every step of its first ~8."""
+        return (any(interval > self.explore_every for interval in self._interval.values())
+                and not any(self._drafted.values()))
+
     def lengths(self, cost: tuple[float, float, float] | None, candidates: Sequence[int],
                 rates: Sequence[float],
                 token_gains: Sequence[Sequence[float] | None] | None = None) -> list[int]:
@@ -322,6 +332,8 @@ class DraftBudget:
             return [True] * len(gains)
         if cost is None:  # explore cheaply: the most promising request only
             if self._fitted and not self._model_exploration_due():
+                return [False] * len(gains)
+            if not self._fitted and self._model_drafts_off_elsewhere():
                 return [False] * len(gains)
             best = max(range(len(gains)), key=lambda r: gains[r])
             return [r == best for r in range(len(gains))]
