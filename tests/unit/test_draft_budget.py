@@ -13,6 +13,7 @@ from vllm_clasp.core.draft_budget import (
     AcceptanceRates,
     DraftBudget,
     MODEL_DRAFT_MARGIN,
+    UNFITTED_MODEL_EVERY,
     StepCostFit,
     choose_lengths,
     choose_rows,
@@ -226,12 +227,15 @@ def test_model_rows_from_the_measured_draft_ratio():
     assert budget.model_rows(None, [0.2, 0.9, 0.5], 1.0, 1.0) == [False] * 3
     # No fit yet: the most promising request alone; adaptivity off: everyone.
     assert DraftBudget().model_rows(None, [0.2, 0.9, 0.5], 1.0, 1.0) == [False, True, False]
-    # A bucket whose fit cannot estimate yet (too few steps) explores on every step, as one
-    # without a fit: a new server's first requests measure model drafts (and run the DP).
+    # A bucket whose fit cannot estimate yet (too few steps) explores on every 4th step, as
+    # one without a fit: a new server's first requests measure model drafts (and run the DP).
     young = DraftBudget()
     young.observe(1, 1, 0.03)
-    assert young.start_step(1) is None
-    assert young.model_rows(None, [0.2, 0.9], 1.0, 1.0) == [False, True]
+    explored = []
+    for step in range(1, 10):
+        assert young.start_step(1) is None
+        explored.append(young.model_rows(None, [0.2, 0.9], 1.0, 1.0) == [False, True])
+    assert explored == [step % UNFITTED_MODEL_EVERY == 1 for step in range(1, 10)]
     assert DraftBudget(enabled=False).model_rows(None, [0.2, 0.9], 1, 1) == [True, True]
 
 
@@ -287,5 +291,6 @@ def test_a_new_bucket_skips_model_exploration_where_another_kept_model_drafts_of
     assert fresh.model_rows(None, [0.5, 0.9], expected=1.0, seconds=0.05) == [False, True]
     budget.start_step(8)
     assert budget.model_rows(budget.start_step(8), [50.0], expected=1.0, seconds=0.05) == [True]
-    budget.start_step(4)
+    for _ in range(4):  # batch 4's 5th step without a fit: an exploration one again
+        budget.start_step(4)
     assert budget.model_rows(None, [0.5, 0.9], expected=1.0, seconds=0.05) == [False, True]

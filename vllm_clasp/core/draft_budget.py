@@ -27,8 +27,9 @@ its fit exists, so an over-estimated per-token cost is noticed; on those steps o
 fitted decisions between two model explorations chose no model draft at all, the model's
 exploration interval doubles (up to `MAX_EXPLORE_EVERY`): where model drafts cannot pay,
 exploring them costs ~nothing, while copies are still verified in full every
-`explore_every`-th step. A bucket without a fit yet explores model drafts on every step
-only while no other bucket's fitted decisions have kept them off.
+`explore_every`-th step. A bucket without a fit yet explores model drafts on every
+`UNFITTED_MODEL_EVERY`-th step, and not at all where another bucket's fitted decisions have
+kept them off.
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ comparison picks are those whose acceptance estimate is luckiest (the winner's c
 on the reference CPU, with a 3 % margin, model drafts chosen as paying measured 2 % slower
 than not drafting (benchmarks.md, 2026-11-30). Where they pay (the paper: 24-70 % on GPUs with
 8B+ models) a 10 % margin leaves them on."""
+UNFITTED_MODEL_EVERY = 4
+"""While a bucket has no fit, every step verifies every candidate but only every 4th drafts
+with the model (for one request): a fit can take 15-20 steps at batch 8 (it needs steps with
+and without drafts), and a model draft on each of them cost ~3 % of a batch-8 run's wall
+time on the reference CPU, where model drafts do not pay. The draft cost stays measured."""
 MAX_EXPLORE_EVERY = 1024
 """Longest interval between exploration steps of a bucket (after backing off)."""
 FORGET = 0.98
@@ -333,7 +339,8 @@ class DraftBudget:
         if cost is None:  # explore cheaply: the most promising request only
             if self._fitted and not self._model_exploration_due():
                 return [False] * len(gains)
-            if not self._fitted and self._model_drafts_off_elsewhere():
+            if not self._fitted and (self._model_drafts_off_elsewhere() or (
+                    max(self._steps.get(self._bucket, 0), 1) - 1) % UNFITTED_MODEL_EVERY):
                 return [False] * len(gains)
             best = max(range(len(gains)), key=lambda r: gains[r])
             return [r == best for r in range(len(gains))]
