@@ -15,3 +15,10 @@ run b1-t1-seeded --per-category 2 --max-tokens 96 --batch-sizes 1 --temperature 
 run repeat --per-category 1 --max-tokens 64 --batch-sizes 1 --repeat --methods plain,clasp,suffix,ngram --out $D/repeat
 run b8-b32-greedy --per-category 6 --max-tokens 96 --batch-sizes 8,32 --methods plain,clasp,suffix,clasp-layers --out $D/b8-b32-greedy
 echo "=== done $(date -u +%H:%M)"
+
+# Later the same day (code 5d293a4 unless stated): the n-gram extension of suffix copies on
+# the tuning half (offset 0; code 353c621), and batch 8 / 32 after the unfitted-bucket
+# exploration change.
+SN='clasp-sn={"method":"clasp","clasp_copy_source":"suffix+ngram"}'
+"$B" bench --questions $Q --enforce-eager --offset 0 --no-progress --per-category 3 --max-tokens 128 --batch-sizes 1 --methods "plain,clasp,$SN,suffix" --out $D/tune-suffix-ngram
+"$B" bench --questions $Q --enforce-eager --offset 40 --no-progress --per-category 4 --max-tokens 96 --batch-sizes 8,32 --methods plain,clasp,suffix --out $D/b8-b32-unfitted-every-4th
