@@ -294,3 +294,22 @@ def test_a_new_bucket_skips_model_exploration_where_another_kept_model_drafts_of
     for _ in range(4):  # batch 4's 5th step without a fit: an exploration one again
         budget.start_step(4)
     assert budget.model_rows(None, [0.5, 0.9], expected=1.0, seconds=0.05) == [False, True]
+
+
+def test_a_bucket_whose_fit_never_forms_still_explores_model_drafts():
+    """Batch 8 fitted and backed off; then one request without copies: every step verifies
+    one token, so batch 1's step costs never spread and its fit never forms. It must still
+    draft with the model, on every `explore_every`-th step (then its own fit can form)."""
+    budget = DraftBudget(explore_every=4)
+    budget.start_step(8)
+    for i in range(20):
+        budget.observe(8, 8 + i % 5, 0.05 + 0.001 * (8 + i % 5))
+    for _ in range(12):
+        budget.model_rows(budget.start_step(8), [0.01], expected=1.0, seconds=0.05)
+    explored = []
+    for step in range(1, 13):
+        assert budget.start_step(1) is None
+        budget.observe(1, 1, 0.05)
+        if budget.model_rows(None, [0.9], expected=1.0, seconds=0.05) == [True]:
+            explored.append(step)
+    assert explored == [4, 8, 12]

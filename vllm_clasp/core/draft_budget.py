@@ -28,8 +28,8 @@ fitted decisions between two model explorations chose no model draft at all, the
 exploration interval doubles (up to `MAX_EXPLORE_EVERY`): where model drafts cannot pay,
 exploring them costs ~nothing, while copies are still verified in full every
 `explore_every`-th step. A bucket without a fit yet explores model drafts on every
-`UNFITTED_MODEL_EVERY`-th step, and not at all where another bucket's fitted decisions have
-kept them off.
+`UNFITTED_MODEL_EVERY`-th step, and only on every `explore_every`-th where another bucket's
+fitted decisions have kept them off.
 """
 
 from __future__ import annotations
@@ -311,14 +311,23 @@ class DraftBudget:
         self._drafted[bucket] = False
         return True
 
-    def _model_drafts_off_elsewhere(self) -> bool:
-        """Whether another bucket's fitted decisions kept model drafts off for a whole
-        exploration interval, and no bucket's have drafted since: then a bucket without a fit
-        yet does not draft with the model on every step until it has one (its own fit's
-        schedule explores them later). A batch that drains from 8 requests to 1 meets four
-        buckets; without this, each explored model drafts on every step of its first ~8."""
-        return (any(interval > self.explore_every for interval in self._interval.values())
-                and not any(self._drafted.values()))
+    def _unfitted_model_exploration_due(self) -> bool:
+        """For a bucket without a fit: a model draft on its steps 1, 5, 9, ...
+        (UNFITTED_MODEL_EVERY); only on every `explore_every`-th step where another bucket's
+        fitted decisions kept model drafts off for a whole exploration interval and no bucket's
+        have drafted since. A batch that drains from 8 requests to 1 meets four buckets;
+        without that, each explored model drafts on a quarter of its first steps. Never less
+        often: a bucket whose fit never forms (batch 1 without copies verifies one token per
+        step, so its step costs never spread) would otherwise never try a model draft."""
+        bucket = self._bucket
+        steps = max(self._steps.get(bucket, 0), 1)
+        off_elsewhere = (
+            any(interval > self.explore_every
+                for b, interval in self._interval.items() if b != bucket)
+            and not any(drafted for b, drafted in self._drafted.items() if b != bucket))
+        if off_elsewhere:
+            return steps % self.explore_every == 0
+        return (steps - 1) % UNFITTED_MODEL_EVERY == 0
 
     def lengths(self, cost: tuple[float, float, float] | None, candidates: Sequence[int],
                 rates: Sequence[float],
@@ -339,8 +348,7 @@ class DraftBudget:
         if cost is None:  # explore cheaply: the most promising request only
             if self._fitted and not self._model_exploration_due():
                 return [False] * len(gains)
-            if not self._fitted and (self._model_drafts_off_elsewhere() or (
-                    max(self._steps.get(self._bucket, 0), 1) - 1) % UNFITTED_MODEL_EVERY):
+            if not self._fitted and not self._unfitted_model_exploration_due():
                 return [False] * len(gains)
             best = max(range(len(gains)), key=lambda r: gains[r])
             return [r == best for r in range(len(gains))]
