@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from vllm_clasp.core.draft_source import CopiedDraft
 from vllm_clasp.core.ngram_lookup import NGRAM, NgramLookup
 from vllm_clasp.core.suffix_trees import SUFFIX, SuffixTrees
 from vllm_clasp.core.options import ClaspOptions, SuffixOptions
@@ -256,7 +257,25 @@ def test_suffix_then_ngram_extends_a_short_tree_draft_with_the_lookup():
     both = _planner(copy_source="suffix+ngram").plan(_inputs([row], prompt=len(PROMPT)))
     assert trees.copied[0].tolist() == [4, 5, 6]
     assert both.copied[0].tolist()[:3] == [4, 5, 6] and len(both.copied[0]) > 3
-    assert both.copy_source == {0: NGRAM}
+    assert both.copy_source == {0: "suffix+ngram"}  # not "ngram": seeded lookups count there
+    tree_probs = trees.copy_probs[0][:3]
+    assert both.copy_probs[0][:3].tolist() == tree_probs.tolist()  # the trees' own estimates
+    assert (both.copy_probs[0][3:] == tree_probs[-1]).all()  # the added tokens: the last one
+
+
+def test_suffix_then_ngram_skips_the_lookup_where_the_trees_fill_the_draft():
+    from vllm_clasp.core.suffix_then_ngram import SuffixThenNgram
+
+    class Trees:
+        def propose(self, req_id, tokens, max_draft):
+            return CopiedDraft(np.arange(max_draft), np.ones(max_draft))
+
+    class Lookup:
+        def propose(self, req_id, tokens, max_draft):
+            raise AssertionError("the trees' draft was already full")
+
+    draft = SuffixThenNgram(Trees(), Lookup()).propose("a", np.arange(10), 4)
+    assert draft.tokens.tolist() == [0, 1, 2, 3] and draft.source == SUFFIX
 
 
 def test_suffix_then_ngram_keeps_the_trees_draft_where_the_two_disagree():

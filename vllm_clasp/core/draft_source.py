@@ -53,7 +53,7 @@ SOURCES: dict[str, SourceEntry] = {
     "suffix": SourceEntry("vllm_clasp.core.suffix_trees:SuffixTrees", "arctic_inference"),
     # Prompt lookup in the request's own context (vLLM's `ngram` method's idea).
     "ngram": SourceEntry("vllm_clasp.core.ngram_lookup:NgramLookup"),
-    # The suffix trees, and n-gram lookup where they propose nothing.
+    # The suffix trees, extended by n-gram lookup where it agrees and reaches further.
     "suffix+ngram": SourceEntry("vllm_clasp.core.suffix_then_ngram:SuffixThenNgram",
                                 "arctic_inference"),
 }

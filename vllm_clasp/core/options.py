@@ -92,7 +92,7 @@ class ClaspOptions:
     drafts. "suffix": suffix trees over the request's prompt and past responses of all
     requests (arctic-inference's SuffixDecodingCache, as vLLM's `suffix` method);
     "ngram": the request's own context (prompt lookup); "suffix+ngram": the suffix trees,
-    and prompt lookup where they propose nothing; "none": layer-skip drafts only, as
+    extended by prompt lookup where it agrees with them and reaches further; "none": layer-skip drafts only, as
     in the paper. "auto": suffix when arctic-inference is installed, else ngram (logged
     once). Seeded requests always copy with ngram (their own context only)."""
     max_model_draft_tokens: int | None = None
