@@ -72,7 +72,7 @@ def without_plugin(model_dir, tmp_path_factory):
 
 
 def test_plain_decoding_unchanged_by_plugin(engines, without_plugin):
-    llm = engines.get(dtype="float32")
+    llm = engines.get(dtype="float32", own_process=True)
     import vllm_clasp.plugin
 
     assert vllm_clasp.plugin._registered, "the plugin did not load through vLLM's entry point"
@@ -80,6 +80,6 @@ def test_plain_decoding_unchanged_by_plugin(engines, without_plugin):
 
 
 def test_ngram_unchanged_by_plugin(engines, without_plugin):
-    llm = engines.get(dtype="float32", speculative_config=NGRAM)
+    llm = engines.get(dtype="float32", speculative_config=NGRAM, own_process=True)
     assert type(llm.llm_engine.vllm_config.speculative_config).__name__ == "SpeculativeConfig"
     assert generate(llm) == without_plugin["ngram"]
