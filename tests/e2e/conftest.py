@@ -99,7 +99,8 @@ class EnginePool:
         start = time.monotonic()
         with contextlib.nullcontext() if own_process else in_process():
             llm = LLM(
-                model=model, dtype=dtype, enforce_eager=True, max_model_len=MAX_MODEL_LEN,
+                model=model, dtype=dtype, enforce_eager=kwargs.pop("enforce_eager", True),
+                max_model_len=MAX_MODEL_LEN,
                 speculative_config=speculative_config, disable_log_stats=False, seed=0,
                 **kwargs,
             )

@@ -23,6 +23,7 @@ from vllm_clasp.core.options import (
 
 ALL_KEYS = [
     "clasp_adaptive",
+    "clasp_compile_layers",
     "clasp_copy_source",
     "clasp_draft_exit_threshold",
     "clasp_draft_vocab_size",
@@ -93,6 +94,7 @@ GOOD = {
     "prompt_lookup_min": [1, 3],
     "adaptive": [True, False],
     "share_skip_sets": [True, False],
+    "compile_layers": [True, False],
 }
 BAD = {
     "skip_layers": ([-1, -100, True, False, 1.0, 2.5, "3", [3]], "an integer >= 0"),
@@ -108,6 +110,7 @@ BAD = {
     "prompt_lookup_min": ([0, -1, True, 2.0, "3"], "an integer >= 1"),
     "adaptive": ([1, 0, "true", None], "true or false"),
     "share_skip_sets": ([1, 0, "true", None], "true or false"),
+    "compile_layers": ([1, 0, "true", None], "true or false"),
 }
 
 

@@ -127,6 +127,11 @@ class ClaspOptions:
     such steps: a batch draft pass reads each kept layer once for all rows that keep it, so
     it costs the union of the rows' kept layers, and separate sets would keep almost every
     layer between them. False: every request its own set (the paper's DP, per request)."""
+    compile_layers: bool = True
+    """Where vLLM compiles the model (not with enforce_eager), run the draft passes' and the
+    DP's decoder-layer calls through one torch.compile'd function shared by all layers
+    (vllm_clasp.core.layer_compile), each layer checked against eager on its first call.
+    False: always eager."""
 
     def __post_init__(self) -> None:
         if self.skip_layers is not None and self.skip_ratio is not None:
@@ -159,7 +164,7 @@ class ClaspOptions:
         _check_int("clasp_draft_vocab_size", self.draft_vocab_size, low=0, allow_none=True)
         _check_int("clasp_max_model_draft_tokens", self.max_model_draft_tokens, low=0,
                    allow_none=True)
-        for key in ("adaptive", "share_skip_sets"):
+        for key in ("adaptive", "share_skip_sets", "compile_layers"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"clasp_{key} must be true or false, "
                                  f"got {getattr(self, key)!r}")
@@ -203,6 +208,16 @@ class ClaspOptions:
             return self.suffix_decoding_max_tree_depth
         return DEFAULT_NUM_SPECULATIVE_TOKENS
 
+    def _resolved_draft_vocab(self, vocab_size: int) -> int:
+        if self.draft_vocab_size is not None and self.draft_vocab_size > vocab_size:
+            raise ValueError(
+                f"clasp_draft_vocab_size={self.draft_vocab_size} exceeds the model's "
+                f"vocabulary ({vocab_size}); allowed: 0..{vocab_size} (0: all)"
+            )
+        if self.draft_vocab_size is None:
+            return min(DEFAULT_DRAFT_VOCAB_SIZE, vocab_size)
+        return self.draft_vocab_size or vocab_size
+
     def resolve(self, num_layers: int, vocab_size: int,
                 num_speculative_tokens: int | None = None) -> "ResolvedClaspOptions":
         """Check the knobs against a model with `num_layers` decoder layers and a verification
@@ -217,15 +232,6 @@ class ClaspOptions:
             lo, hi = (round(r * num_layers) for r in AUTO_SKIP_RANGE)
             hi = min(max(hi, 1), skippable)
             skip_range = (min(max(lo, 1), hi), hi)
-        if self.draft_vocab_size is not None and self.draft_vocab_size > vocab_size:
-            raise ValueError(
-                f"clasp_draft_vocab_size={self.draft_vocab_size} exceeds the model's "
-                f"vocabulary ({vocab_size}); allowed: 0..{vocab_size} (0: all)"
-            )
-        if self.draft_vocab_size is None:
-            draft_vocab_size = min(DEFAULT_DRAFT_VOCAB_SIZE, vocab_size)
-        else:
-            draft_vocab_size = self.draft_vocab_size or vocab_size
         return ResolvedClaspOptions(
             num_layers=num_layers,
             num_skip=num_skip,
@@ -234,7 +240,7 @@ class ClaspOptions:
             never_skip=tuple(never_skip),
             loi=self.loi,
             draft_exit_threshold=float(self.draft_exit_threshold),
-            draft_vocab_size=draft_vocab_size,
+            draft_vocab_size=self._resolved_draft_vocab(vocab_size),
             copy_source=self.resolved_copy_source(),
             max_model_draft_tokens=(
                 min(DEFAULT_MAX_MODEL_DRAFT_TOKENS, k) if self.max_model_draft_tokens is None
@@ -252,6 +258,7 @@ class ClaspOptions:
             ),
             adaptive=self.adaptive,
             share_skip_sets=self.share_skip_sets,
+            compile_layers=self.compile_layers,
         )
 
 
@@ -277,6 +284,7 @@ class ResolvedClaspOptions:
     suffix: "SuffixOptions"
     adaptive: bool
     share_skip_sets: bool = True
+    compile_layers: bool = True
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,10 @@ COUNTERS = (
     CounterRow("num_draft_passes", "vllm:clasp_draft_passes",
                "Layer-skipped forward passes (one per draft position, every drafting row of "
                "the step at once): clasp_draft_seconds / this is the cost of one pass."),
+    CounterRow("num_compiled_draft_passes", "vllm:clasp_compiled_draft_passes",
+               "Layer-skipped passes whose decoder layers ran compiled (one torch.compile'd "
+               "function for all layers, clasp_compile_layers); the other passes ran them "
+               "eagerly."),
     CounterRow("num_model_draft_steps", "vllm:clasp_model_draft_steps",
                "Verification steps with at least one layer-skipped model draft."),
     CounterRow("draft_union_kept_layers", "vllm:clasp_draft_union_kept_layers",
@@ -158,8 +162,9 @@ class ClaspStats:
     def record_unverified(self, num_tokens: int) -> None:
         self.num_unverified_draft_tokens += num_tokens
 
-    def record_pass(self) -> None:
+    def record_pass(self, compiled: bool) -> None:
         self.num_draft_passes += 1
+        self.num_compiled_draft_passes += compiled
 
     def record_exits(self, count: int) -> None:
         self.num_threshold_exits += count

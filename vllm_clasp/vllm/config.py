@@ -62,6 +62,7 @@ class ClaspSpeculativeConfig(SpeculativeConfig):
     clasp_suffix_decoding_min_token_prob: SkipValidation[float | None] = None
     clasp_adaptive: SkipValidation[bool | None] = None
     clasp_share_skip_sets: SkipValidation[bool | None] = None
+    clasp_compile_layers: SkipValidation[bool | None] = None
 
     def __post_init__(self):  # noqa: D105 - mirrors SpeculativeConfig's ngram/custom_class path
         if self.method != CLASP_METHOD:

@@ -13,9 +13,18 @@ import inspect
 import torch
 from torch import nn
 
+from vllm_clasp.core.layer_compile import COMPILED, CompiledLayers
+
 
 class UnsupportedModelError(ValueError):
     pass
+
+
+def _layer_on_stream(layer: nn.Module, positions: torch.Tensor,  # [n]
+                     stream: torch.Tensor) -> torch.Tensor:  # [n, d] -> [n, d]
+    """A decoder layer on the residual stream x: its output stream is hidden + residual."""
+    hidden, residual = layer(positions, stream, None)
+    return hidden + residual
 
 
 def _embedding_rewrites(inner: nn.Module) -> list[str]:
@@ -111,6 +120,7 @@ class DecoderStack:
             )
         self.all_attention_names = [names[0] for names in self.attention_names]
         self._head_weight = None  # [V', d] when the draft head covers token ids [0, V') only
+        self.compiled: CompiledLayers | None = None  # set by compile_layers()
 
     @property
     def num_layers(self) -> int:
@@ -127,8 +137,21 @@ class DecoderStack:
     def run_layer(
         self, index: int, positions: torch.Tensor, stream: torch.Tensor  # [n], [n, d]
     ) -> torch.Tensor:  # [n, d]
-        hidden, residual = self.layers[index](positions, stream, None)
-        return hidden + residual
+        if self.compiled is not None:
+            return self.compiled.run(index, positions, stream)
+        return _layer_on_stream(self.layers[index], positions, stream)
+
+    @property
+    def runs_compiled(self) -> bool:
+        return self.compiled is not None and self.compiled.path == COMPILED
+
+    def compile_layers(self, backend: str, options: dict | None) -> CompiledLayers:
+        """Run every layer call (drafts and the DP) through one `torch.compile`d function
+        (`core.layer_compile`): compiled on first use per shape class, checked against eager
+        per layer."""
+        self.compiled = CompiledLayers(_layer_on_stream, self.layers, backend=backend,
+                                       options=options)
+        return self.compiled
 
     def final_norm(self, stream: torch.Tensor) -> torch.Tensor:  # [n, d] -> [n, d]
         out = self.inner.norm(stream)

@@ -48,6 +48,7 @@ class ClaspProposer:
         self.stats = ClaspStats()
         self.planner: StepPlanner | None = None
         self.forward: SkipForward | None = None
+        self.eager_reason: str | None = None  # why draft layers run eagerly (None: compiled)
 
     # The custom_class factory vLLM uses to build us checks for a callable `propose`.
     def propose(self, *args, **kwargs):
@@ -70,6 +71,7 @@ class ClaspProposer:
         self.max_model_draft = resolved.max_model_draft_tokens
         self.forward = SkipForward(stack, self.vllm_config, resolved,
                                    max(self.max_model_draft, 1), broadcast=self._broadcast)
+        self.eager_reason = self._compile_layers(stack)
         if self.copy_source_asked == "auto" and resolved.copy_source == "ngram":
             logger.warning("CLaSp: arctic-inference is not installed, so drafts are copied with "
                            "n-gram lookup instead of suffix trees (%s)", SUFFIX_INSTALL_HINT)
@@ -94,12 +96,47 @@ class ClaspProposer:
         for gone in (scheduler_output.finished_req_ids, scheduler_output.preempted_req_ids):
             self.planner.forget(gone)
 
+    def _compile_layers(self, stack: DecoderStack) -> str | None:
+        """Compile the draft's layer calls where vLLM compiles the model, with vLLM's
+        backend and inductor options (`CompilationConfig.backend`,
+        `.inductor_compile_config`); None, or why they run eagerly."""
+        from vllm.config import CompilationMode
+
+        config = self.vllm_config.compilation_config
+        if self.max_model_draft == 0:
+            return "no layer-skip drafts (clasp_max_model_draft_tokens is 0)"
+        if not self.resolved.compile_layers:
+            return "clasp_compile_layers is false"
+        if config.mode == CompilationMode.NONE:
+            return "vLLM runs this model eagerly (enforce_eager, or compilation mode 0)"
+        if self.vllm_config.lora_config is not None:
+            return "LoRA adapters (their per-call token mappings run eagerly)"
+        backend = config.backend or "inductor"
+        stack.compile_layers(backend, dict(config.inductor_compile_config)
+                             if backend == "inductor" else None)
+        return None
+
     def bind(self, runner) -> None:
         """Check and bind the runner's KV cache once it exists (patched
-        `initialize_kv_cache`), so a model CLaSp cannot draft on fails at start-up."""
+        `initialize_kv_cache`), so a model CLaSp cannot draft on fails at start-up; then
+        compile the draft's layer calls (logged: which path runs, and why)."""
         self.device = runner.device
-        if self.forward is not None:
-            self.forward.bind(runner)
+        if self.forward is None:
+            return
+        self.forward.bind(runner)
+        stack = self.forward.stack
+        if stack.compiled is not None:
+            started = time.perf_counter()
+            self.forward.warm_compiled(self._hidden_size, self.vllm_config.model_config.dtype)
+            self.eager_reason = stack.compiled.reason
+            if self.eager_reason is None:
+                logger.info("CLaSp: draft layers compiled (torch.compile, backend %s): one "
+                            "function for all %d decoder layers, each checked against eager "
+                            "on its first call; %.1f s", stack.compiled.backend,
+                            stack.num_layers, time.perf_counter() - started)
+                return
+        if self.max_model_draft:
+            logger.info("CLaSp: draft layers run eagerly: %s", self.eager_reason)
 
     def state(self, take_dp_log: bool = False) -> dict:
         """What tools may read (`worker_state.read`): counters, acceptance per M, and with

@@ -47,6 +47,18 @@ class SkipForward:
         self.paged = PagedRows(runner)
         self.adapters = AdapterRows(runner)
 
+    @torch.inference_mode()  # as the draft runs: the compiled graphs guard on it
+    def warm_compiled(self, hidden_size: int, dtype: torch.dtype) -> None:
+        """Compile the shared layer function for one row and for several (its two shape
+        classes) before the first request, on a dummy stream without attention metadata
+        (vLLM's warm-up convention: attention returns at once and writes no K/V)."""
+        compiled = self.stack.compiled
+        for rows in (1, 2):
+            positions = torch.zeros(rows, dtype=torch.long, device=self.paged.device)
+            stream = torch.zeros(rows, hidden_size, dtype=dtype, device=self.paged.device)
+            with self._forward_context(None, rows, slot_mapping={}):
+                compiled.warm(positions, stream)
+
     # ------------------------------------------------------------------ DP
     def search(
         self,
@@ -128,7 +140,7 @@ class SkipForward:
                 out_probs[active.to(probs.device), step] = probs
             for row in active.tolist():
                 lengths[row] = step + 1
-            stats.record_pass()
+            stats.record_pass(compiled=self.stack.runs_compiled)
             stats.record_exits(int((confidence < threshold).sum()))
             current[active.to(self.paged.device)] = new_tokens.to(self.paged.device)
             active = active[(confidence >= threshold) & (max_draft[active] > step + 1)]
