@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The benchmark runs of 2026-12-06 (docs/benchmarks.md), code 3cec0d9, compiled engines
+# (the bench's default: no --enforce-eager), float32, 2-core CPU.
+set -u
+cd "$(dirname "$0")/../../.."   # the repository root (run from a checkout of the measured commit)
+Q=../shared/data/spec_bench/question.jsonl
+B=.venv/bin/vllm-clasp
+D=docs/bench/2026-12-06
+F='{"method":"clasp","clasp_adaptive":false,"clasp_copy_source":"none","clasp_draft_exit_threshold":0,"clasp_skip_layers":12}'
+FE='{"method":"clasp","clasp_adaptive":false,"clasp_copy_source":"none","clasp_draft_exit_threshold":0,"clasp_skip_layers":12,"clasp_compile_layers":false}'
+run() { echo "=== $1 $(date -u +%H:%M)"; shift; "$B" bench --questions $Q --offset 40 --no-progress "$@"; echo "rc=$?"; }
+run forced-compiled --per-category 2 --max-tokens 64 --batch-sizes 1,8 --methods "plain,forced12=$F,forced12-eager=$FE" --out $D/forced-compiled
