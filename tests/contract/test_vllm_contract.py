@@ -476,6 +476,28 @@ def test_attention_layer_name():
     )
 
 
+def test_attention_op_takes_the_layer_name_as_a_lifted_opaque_value():
+    """One compiled function serves every decoder layer (core/layer_compile.py) because the
+    attention op's layer name is a graph input, not a constant baked per layer."""
+    from vllm.config import CompilationConfig
+    from vllm.model_executor.layers.attention.attention import Attention
+    from vllm.utils import torch_utils
+
+    forward = flat(source(Attention.forward))
+    require("_encode_layer_name(self.layer_name)" in forward, DECODER_STACK_PY,
+            "Attention.forward no longer encodes its layer name for the attention op")
+    require(torch_utils.HAS_OPAQUE_TYPE and torch_utils.LayerNameType is torch_utils.LayerName,
+            DECODER_STACK_PY, "layer names are no longer lifted opaque values (LayerName) with "
+            "this torch: the compiled draft layers would compile once per layer")
+    require(
+        "register_opaque_type(LayerName" in source(torch_utils)
+        and 'hoist=True' in flat(source(torch_utils)), DECODER_STACK_PY,
+        "LayerName is no longer registered as a hoisted opaque type")
+    fields = {f.name for f in dataclasses.fields(CompilationConfig)}
+    require({"mode", "backend", "inductor_compile_config"} <= fields, PROPOSER_PY,
+            "CompilationConfig no longer has mode / backend / inductor_compile_config")
+
+
 def _paged_rows_metadata_keywords() -> set[str]:
     tree = ast.parse((PACKAGE_DIR / "vllm" / "paged_rows.py").read_text())
     for node in ast.walk(tree):
