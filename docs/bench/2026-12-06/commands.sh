@@ -10,3 +10,4 @@ F='{"method":"clasp","clasp_adaptive":false,"clasp_copy_source":"none","clasp_dr
 FE='{"method":"clasp","clasp_adaptive":false,"clasp_copy_source":"none","clasp_draft_exit_threshold":0,"clasp_skip_layers":12,"clasp_compile_layers":false}'
 run() { echo "=== $1 $(date -u +%H:%M)"; shift; "$B" bench --questions $Q --offset 40 --no-progress "$@"; echo "rc=$?"; }
 run forced-compiled --per-category 2 --max-tokens 64 --batch-sizes 1,8 --methods "plain,forced12=$F,forced12-eager=$FE" --out $D/forced-compiled
+run layers-compiled --per-category 2 --max-tokens 96 --batch-sizes 1,8 --methods plain,clasp-layers,clasp --out $D/layers-compiled
