@@ -141,16 +141,23 @@ def test_planner_copies_from_suffix_trees_up_to_k():
     assert plan.model_rows == []
 
 
-def test_seeded_requests_copy_from_their_own_context_only():
-    """A past response (request a's) would give a later request a suffix draft; seeded, it
-    copies by n-gram lookup from its own tokens, which do not repeat: no copy, so it drafts
-    with the model (the fixed policy)."""
-    planner = _planner(copy_source="suffix")
+def _after_a_past_response(copy_source: str):
+    """A planner whose suffix trees hold request a's finished response [40..47], and a later
+    request's tokens whose end matches that response's start (the trees propose 44, 45, ...;
+    its own context does not)."""
+    planner = _planner(copy_source=copy_source)
     response = [40, 41, 42, 43, 44, 45, 46, 47]
     for n in range(3, len(response) + 1):
         planner.plan(_inputs([[1, 2] + response[:n]], prompt=2))
     planner.forget(["a"])
-    late = [60, 61, 40, 41, 42, 43]
+    return planner, [60, 61, 40, 41, 42, 43]
+
+
+def test_seeded_requests_copy_from_their_own_context_only():
+    """A past response (request a's) would give a later request a suffix draft; seeded, it
+    copies by n-gram lookup from its own tokens, which do not repeat: no copy, so it drafts
+    with the model (the fixed policy)."""
+    planner, late = _after_a_past_response("suffix")
     unseeded = planner.plan(_inputs([[0, 0, 0], late], prompt=2, ids="bc"))
     assert unseeded.copied[1].tolist()[:2] == [44, 45]
     seeded = planner.plan(_inputs([[0, 0, 0], late], prompt=2, seeded={1}, ids="de"))
@@ -281,11 +288,6 @@ def test_suffix_then_ngram_skips_the_lookup_where_the_trees_fill_the_draft():
 def test_suffix_then_ngram_keeps_the_trees_draft_where_the_two_disagree():
     """A past response makes the trees propose what the request's own context does not
     hold: the trees' draft stays (and is valued as a suffix draft)."""
-    planner = _planner(copy_source="suffix+ngram")
-    response = [40, 41, 42, 43, 44, 45, 46, 47]
-    for n in range(3, len(response) + 1):
-        planner.plan(_inputs([[1, 2] + response[:n]], prompt=2))
-    planner.forget(["a"])
-    late = [60, 61, 40, 41, 42, 43]
+    planner, late = _after_a_past_response("suffix+ngram")
     plan = planner.plan(_inputs([late], prompt=2, ids="b"))
     assert plan.copied[0].tolist()[:2] == [44, 45] and plan.copy_source == {0: SUFFIX}
