@@ -11,3 +11,4 @@ FE='{"method":"clasp","clasp_adaptive":false,"clasp_copy_source":"none","clasp_d
 run() { echo "=== $1 $(date -u +%H:%M)"; shift; "$B" bench --questions $Q --offset 40 --no-progress "$@"; echo "rc=$?"; }
 run forced-compiled --per-category 2 --max-tokens 64 --batch-sizes 1,8 --methods "plain,forced12=$F,forced12-eager=$FE" --out $D/forced-compiled
 run layers-compiled --per-category 2 --max-tokens 96 --batch-sizes 1,8 --methods plain,clasp-layers,clasp --out $D/layers-compiled
+run layers-compiled-b32 --per-category 4 --max-tokens 96 --batch-sizes 32 --methods plain,clasp-layers --out $D/layers-compiled-b32
