@@ -56,12 +56,8 @@ class CompiledLayers:
 
     def run(self, index: int, *args: torch.Tensor) -> torch.Tensor:
         layer = self.layers[index]
-        if self.path == EAGER:
-            return self.call(layer, *args)
-        try:
-            out = self._compiled(layer, *args)
-        except Exception as error:  # a failed trace or compile: eager from now on
-            self.fall_back(f"compiling layer {index} failed: {type(error).__name__}: {error}")
+        out = None if self.path == EAGER else self._try_compiled(index, args)
+        if out is None:
             return self.call(layer, *args)
         if index not in self._checked:
             # Layer calls that write K/V write the same values into the same slots again.
@@ -79,12 +75,16 @@ class CompiledLayers:
     def warm(self, *args: torch.Tensor) -> None:
         """Compile for these arguments' shape class on the first layer, unchecked (dummy
         inputs need not give meaningful outputs); a failure falls back to eager."""
-        if self.path == EAGER:
-            return
+        if self.path != EAGER:
+            self._try_compiled(0, args)
+
+    def _try_compiled(self, index: int, args: tuple) -> torch.Tensor | None:
+        """The compiled call, or None after a failed trace or compile (eager from now on)."""
         try:
-            self._compiled(self.layers[0], *args)
+            return self._compiled(self.layers[index], *args)
         except Exception as error:
-            self.fall_back(f"compiling failed: {type(error).__name__}: {error}")
+            self.fall_back(f"compiling layer {index} failed: {type(error).__name__}: {error}")
+            return None
 
     def fall_back(self, reason: str) -> None:
         if self.path == EAGER:

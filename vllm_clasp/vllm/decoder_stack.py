@@ -145,13 +145,12 @@ class DecoderStack:
     def runs_compiled(self) -> bool:
         return self.compiled is not None and self.compiled.path == COMPILED
 
-    def compile_layers(self, backend: str, options: dict | None) -> CompiledLayers:
+    def compile_layers(self, backend: str, options: dict | None) -> None:
         """Run every layer call (drafts and the DP) through one `torch.compile`d function
         (`core.layer_compile`): compiled on first use per shape class, checked against eager
         per layer."""
         self.compiled = CompiledLayers(_layer_on_stream, self.layers, backend=backend,
                                        options=options)
-        return self.compiled
 
     def final_norm(self, stream: torch.Tensor) -> torch.Tensor:  # [n, d] -> [n, d]
         out = self.inner.norm(stream)

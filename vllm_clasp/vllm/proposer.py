@@ -48,7 +48,6 @@ class ClaspProposer:
         self.stats = ClaspStats()
         self.planner: StepPlanner | None = None
         self.forward: SkipForward | None = None
-        self.eager_reason: str | None = None  # why draft layers run eagerly (None: compiled)
 
     # The custom_class factory vLLM uses to build us checks for a callable `propose`.
     def propose(self, *args, **kwargs):
@@ -71,7 +70,6 @@ class ClaspProposer:
         self.max_model_draft = resolved.max_model_draft_tokens
         self.forward = SkipForward(stack, self.vllm_config, resolved,
                                    max(self.max_model_draft, 1), broadcast=self._broadcast)
-        self.eager_reason = self._compile_layers(stack)
         if self.copy_source_asked == "auto" and resolved.copy_source == "ngram":
             logger.warning("CLaSp: arctic-inference is not installed, so drafts are copied with "
                            "n-gram lookup instead of suffix trees (%s)", SUFFIX_INSTALL_HINT)
@@ -125,18 +123,19 @@ class ClaspProposer:
             return
         self.forward.bind(runner)
         stack = self.forward.stack
+        eager_reason = self._compile_layers(stack)
         if stack.compiled is not None:
             started = time.perf_counter()
             self.forward.warm_compiled(self._hidden_size, self.vllm_config.model_config.dtype)
-            self.eager_reason = stack.compiled.reason
-            if self.eager_reason is None:
+            eager_reason = stack.compiled.reason
+            if eager_reason is None:
                 logger.info("CLaSp: draft layers compiled (torch.compile, backend %s): one "
                             "function for all %d decoder layers, each checked against eager "
                             "on its first call; %.1f s", stack.compiled.backend,
                             stack.num_layers, time.perf_counter() - started)
                 return
         if self.max_model_draft:
-            logger.info("CLaSp: draft layers run eagerly: %s", self.eager_reason)
+            logger.info("CLaSp: draft layers run eagerly: %s", eager_reason)
 
     def state(self, take_dp_log: bool = False) -> dict:
         """What tools may read (`worker_state.read`): counters, acceptance per M, and with
