@@ -710,11 +710,24 @@ def test_expand_fix_matches_vllm_contract():
     assert expand(top_k, cu, 6).tolist() == [5, 5, 0, 0, 0, 7]
 
 
-def test_cpu_top_k_on_no_rows_still_needs_patch_11():
-    """Patch 15 skips sampling constraints for a step without draft tokens because vLLM's
-    CPU top-k fails on an empty k tensor. When vLLM handles it, this fails: drop
-    patch 13 from patches.py."""
-    import pytest
+def test_every_speculative_step_still_builds_metadata_so_needs_patch_13(runner_cls):
+    """Patch 13 drops the speculative metadata of a step without draft tokens, because vLLM
+    builds it for every step of a speculative engine and so runs the rejection sampler on each.
+    When vLLM builds it only for steps with drafts, this fails: drop patch 13."""
+    prepare = flat(source(runner_cls._prepare_inputs))
+    require("use_spec_decode = self.speculative_config is not None" in prepare, PATCHES_PY,
+            "_prepare_inputs no longer builds speculative metadata for every speculative step")
+    require(prepare.count("return ( logits_indices, spec_decode_metadata,") == 1, PATCHES_PY,
+            "_prepare_inputs no longer returns (logits_indices, metadata, max sampled)")
+    sample = flat(source(runner_cls._sample))
+    require("if spec_decode_metadata is None: return self.sampler(" in sample, PATCHES_PY,
+            "_sample no longer takes the plain sampler when there is no speculative metadata")
+
+
+def test_cpu_top_k_on_no_rows_still_fails():
+    """vLLM's CPU top-k fails on an empty k tensor: the rejection sampler meets one on a step
+    without draft tokens, which patch 13 keeps away from it. When vLLM handles it, this fails:
+    the line about it in patch 13's `why` can go."""
     import torch
     from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch
 
@@ -724,21 +737,96 @@ def test_cpu_top_k_on_no_rows_still_needs_patch_11():
                                   allow_cpu_sync=True)
 
 
-def test_empty_constraints_fix_is_a_no_op_on_no_rows_and_delegates_otherwise():
+def _sampling_metadata(temperature, seeds, vocab):
+    """vLLM's SamplingMetadata for rows with these temperatures (0: greedy) and seeds."""
     import torch
+    from vllm.v1.sample.logits_processor import LogitsProcessors
+    from vllm.v1.sample.metadata import SamplingMetadata
 
-    from vllm_clasp.vllm.patches import _apply_sampling_constraints
+    n = len(temperature)
+    return SamplingMetadata(
+        temperature=torch.tensor(temperature, dtype=torch.float32),
+        all_greedy=all(t == 0 for t in temperature), all_random=all(t > 0 for t in temperature),
+        top_p=None, top_k=None,
+        generators={i: torch.Generator().manual_seed(s) for i, s in seeds.items()},
+        max_num_logprobs=None, no_penalties=True, prompt_token_ids=None,
+        frequency_penalties=torch.zeros(n), presence_penalties=torch.zeros(n),
+        repetition_penalties=torch.ones(n), output_token_ids=[[] for _ in range(n)],
+        allowed_token_ids_mask=None, bad_words_token_ids={}, logitsprocs=LogitsProcessors(),
+        spec_token_ids=[[] for _ in range(n)])
 
-    calls = []
-    fixed = _apply_sampling_constraints(lambda *args: calls.append(args) or "vllm's")
-    empty = torch.empty(0, 16)
-    assert fixed(empty, torch.zeros(3, dtype=torch.int32), object()) is empty
-    assert calls == []
-    assert fixed(torch.zeros(2, 16), torch.tensor([1, 2]), "meta") == "vllm's"
-    assert len(calls) == 1
+
+def test_a_step_without_drafts_samples_the_same_tokens_on_both_paths(runner_cls, monkeypatch):
+    """What patch 13 relies on: with zero draft tokens the speculative metadata selects plain
+    decoding's logits rows (each request's last scheduled token), and the rejection sampler
+    samples from them what the plain sampler does with the same seeded generators, so a seed
+    pins the same output whichever path a step takes."""
+    import functools
+    import types
+
+    import numpy as np
+    import torch
+    from vllm.v1.sample import rejection_sampler
+    from vllm.v1.sample.rejection_sampler import RejectionSampler
+    from vllm.v1.sample.sampler import Sampler
+
+    from vllm_clasp.vllm.patches import _expand_batch_to_tokens
+
+    from vllm.platforms import current_platform
+
+    # As in a CLaSp worker on CPU: vLLM's C++ stand-ins for its Triton kernels, and patch 6
+    # for the expand kernel among them.
+    if current_platform.is_cpu():
+        current_platform.register_triton_kernel_overrides()
+    monkeypatch.setattr(rejection_sampler, "expand_batch_to_tokens", _expand_batch_to_tokens(None))
+    fake = types.SimpleNamespace(_arange_scratch=np.zeros(256, dtype=np.int64),
+                                 arange_np=np.arange(256), device=torch.device("cpu"),
+                                 input_ids=types.SimpleNamespace(gpu=torch.arange(256)))
+    fake._get_cumsum_and_arange = functools.partial(runner_cls._get_cumsum_and_arange, fake)
+    cu_num_scheduled = np.array([4, 104, 107, 207, 209], dtype=np.int32)  # a prefill and decodes
+    metadata = runner_cls._calc_spec_decode_metadata(fake, np.zeros(5, dtype=np.int32),
+                                                     cu_num_scheduled)
+    assert metadata.logits_indices.tolist() == (cu_num_scheduled - 1).tolist()
+    assert sum(metadata.num_draft_tokens) == 0
+
+    vocab, temperature, seeds = 64, [0.0, 0.7, 1.0, 1.3, 1.0], {1: 11, 2: 22, 3: 33, 4: 44}
+    logits = torch.randn(5, vocab, generator=torch.Generator().manual_seed(0))
+    for _ in range(3):  # several draws: a generator's stream stays in step on both paths
+        plain = Sampler()(logits.clone(), _sampling_metadata(temperature, seeds, vocab))
+        speculative = RejectionSampler(Sampler())(
+            metadata, None, logits.clone(), _sampling_metadata(temperature, seeds, vocab))
+        assert speculative.sampled_token_ids.tolist() == plain.sampled_token_ids.tolist()
+        seeds = {i: s + 1 for i, s in seeds.items()}
 
 
-def test_cpu_generator_rewind_still_needs_patches_13_and_14(runner_cls):
+def test_no_draft_steps_take_the_plain_path_in_clasp_engines_only():
+    """Patch 13: metadata dropped exactly when the step has no draft token, the engine serves
+    clasp, and the model keeps no recurrent state."""
+    import types
+
+    from vllm_clasp.vllm.patches import _prepare_inputs
+
+    def runner(method="clasp", hybrid=False):
+        spec = types.SimpleNamespace(method=method)
+        return types.SimpleNamespace(speculative_config=spec,
+                                     model_config=types.SimpleNamespace(is_hybrid=hybrid))
+
+    def meta(*drafts):
+        return types.SimpleNamespace(num_draft_tokens=list(drafts))
+
+    def prepared(runner_, metadata):
+        return _prepare_inputs(lambda self, out, n: ("rows", metadata, 3))(runner_, None, None)
+
+    assert prepared(runner(), meta(0, 0)) == ("rows", None, 3)
+    kept = meta(0, 2)
+    assert prepared(runner(), kept) == ("rows", kept, 3)
+    zero = meta(0, 0)
+    assert prepared(runner("suffix"), zero)[1] is zero
+    assert prepared(runner(hybrid=True), zero)[1] is zero
+    assert prepared(runner(), None)[1] is None
+
+
+def test_cpu_generator_rewind_still_needs_patches_15_and_16(runner_cls):
     """Patches 15-16 rewind a discarded sample's CPU generator by state, because vLLM rewinds
     by offset and a CPU generator has none. When vLLM changes either, this fails: review
     patches 15 and 16 in patches.py."""

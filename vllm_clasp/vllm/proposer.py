@@ -183,8 +183,8 @@ class ClaspProposer:
             masks = self.planner.skip_masks(plan, step, search, search_seconds)
             made, probs, seconds = self._model_drafts(runner, plan, step, masks)
         drafts = self.planner.finish(plan, step, made, seconds)
-        draft_probs = None
-        if not runner.input_batch.sampling_metadata.all_greedy:
+        draft_probs = None  # a step without draft tokens samples as plain decoding (patch 13)
+        if any(drafts.tokens) and not runner.input_batch.sampling_metadata.all_greedy:
             draft_probs = rejection_sampler_probs(len(step.req_ids), self.vocab_size,
                                                   plan.model_rows, probs, drafts.copied,
                                                   self.device)
