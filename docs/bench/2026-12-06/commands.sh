@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The benchmark runs of 2026-12-06 (docs/benchmarks.md), code 3cec0d9, compiled engines
+# The benchmark runs of 2026-12-06 (docs/benchmarks.md), code 3cec0d9 unless stated, compiled engines
 # (the bench's default: no --enforce-eager), float32, 2-core CPU.
 set -u
 cd "$(dirname "$0")/../../.."   # the repository root (run from a checkout of the measured commit)
@@ -12,3 +12,11 @@ run() { echo "=== $1 $(date -u +%H:%M)"; shift; "$B" bench --questions $Q --offs
 run forced-compiled --per-category 2 --max-tokens 64 --batch-sizes 1,8 --methods "plain,forced12=$F,forced12-eager=$FE" --out $D/forced-compiled
 run layers-compiled --per-category 2 --max-tokens 96 --batch-sizes 1,8 --methods plain,clasp-layers,clasp --out $D/layers-compiled
 run layers-compiled-b32 --per-category 4 --max-tokens 96 --batch-sizes 32 --methods plain,clasp-layers --out $D/layers-compiled-b32
+
+# Later the same day, code f2b1396 (steps without draft tokens sample as plain decoding):
+# clasp against plain and vLLM's suffix at batch 1 (greedy; temperature 1 with a seed per
+# request) and at batch 8 / 32.
+run b1-greedy --per-category 4 --max-tokens 128 --batch-sizes 1 --methods plain,clasp,suffix --out $D/b1-greedy
+run b1-t1-seeded --per-category 2 --max-tokens 96 --batch-sizes 1 --temperature 1 --seeded --methods plain,clasp,suffix --out $D/b1-t1-seeded
+run b8-b32-greedy --per-category 4 --max-tokens 96 --batch-sizes 8,32 --methods plain,clasp,suffix --out $D/b8-b32-greedy
+echo "=== done $(date -u +%H:%M)"
