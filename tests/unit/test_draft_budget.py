@@ -313,3 +313,19 @@ def test_a_bucket_whose_fit_never_forms_still_explores_model_drafts():
         if budget.model_rows(None, [0.9], expected=1.0, seconds=0.05) == [True]:
             explored.append(step)
     assert explored == [4, 8, 12]
+
+
+def test_an_unfitted_bucket_explores_the_model_only_on_steps_without_copies():
+    """A fresh engine's first batch of 8: copies on most steps give the fit its spread, so
+    the model explores (a DP run and draft passes for one request) only on the every-4th
+    steps that verify no copy; the fit then forms without it."""
+    budget = DraftBudget()
+    explored = []
+    for step in range(1, 9):  # MIN_STEPS
+        assert budget.start_step(8) is None
+        copies = step not in (5, 6, 7)  # step 5: due and copy-free; 6 and 7: not due
+        if budget.model_rows(None, [0.2, 0.9], 8.0, 0.07, copies=copies) == [False, True]:
+            explored.append(step)
+        budget.observe(8, 8 + 3 * copies, 0.06 + 0.004 * copies)
+    assert explored == [5]
+    assert budget.start_step(8) is not None  # fitted from the copies' steps alone

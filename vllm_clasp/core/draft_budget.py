@@ -28,8 +28,9 @@ fitted decisions between two model explorations chose no model draft at all, the
 exploration interval doubles (up to `MAX_EXPLORE_EVERY`): where model drafts cannot pay,
 exploring them costs ~nothing, while copies are still verified in full every
 `explore_every`-th step. A bucket without a fit yet explores model drafts on every
-`UNFITTED_MODEL_EVERY`-th step, and only on every `explore_every`-th where another bucket's
-fitted decisions have kept them off.
+`UNFITTED_MODEL_EVERY`-th step that verifies no copy (a step with copies already gives the fit
+the spread it needs), and only on every `explore_every`-th where another bucket's fitted
+decisions have kept them off.
 """
 
 from __future__ import annotations
@@ -46,9 +47,13 @@ than not drafting (benchmarks.md, 2026-11-30). Where they pay (the paper: 24-70 
 8B+ models) a 10 % margin leaves them on."""
 UNFITTED_MODEL_EVERY = 4
 """While a bucket has no fit, every step verifies every candidate but only every 4th drafts
-with the model (for one request): a fit can take 15-20 steps at batch 8 (it needs steps with
-and without drafts), and a model draft on each of them cost ~3 % of a batch-8 run's wall
-time on the reference CPU, where model drafts do not pay. The draft cost stays measured."""
+with the model (for one request), and only where the step verifies no copy: a fit can take
+15-20 steps at batch 8 (it needs steps with and without drafts, or with different token
+counts), and a model draft on each of them cost ~3 % of a batch-8 run's wall time on the
+reference CPU, where model drafts do not pay; on every 4th, with its DP, still 10 % of a
+fresh engine's first batch of 8 (2026-12-06). Copies give the fit its spread without the
+model; where there are none (copy source off, or text nothing repeats) the model explores.
+The draft cost stays measured."""
 MAX_EXPLORE_EVERY = 1024
 """Longest interval between exploration steps of a bucket (after backing off)."""
 FORGET = 0.98
@@ -348,7 +353,7 @@ class DraftBudget:
         if cost is None:  # explore cheaply: the most promising request only
             if self._fitted and not self._model_exploration_due():
                 return [False] * len(gains)
-            if not self._fitted and not self._unfitted_model_exploration_due():
+            if not self._fitted and (copies or not self._unfitted_model_exploration_due()):
                 return [False] * len(gains)
             best = max(range(len(gains)), key=lambda r: gains[r])
             return [r == best for r in range(len(gains))]
