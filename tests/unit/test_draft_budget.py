@@ -273,46 +273,63 @@ def test_model_drafts_need_the_margin():
     assert MODEL_DRAFT_MARGIN == 1.10
 
 
-def test_a_new_bucket_skips_model_exploration_where_another_kept_model_drafts_off():
-    """Batch 8 fitted and backed off (its decisions never drafted with the model): the
-    batch-4 bucket, without a fit yet, verifies every copy but drafts with the model on none
-    of its first steps. Once a fitted decision drafts, unfitted buckets explore again."""
-    budget = DraftBudget(explore_every=4)
-    budget.start_step(8)
-    for i in range(20):
-        budget.observe(8, 8 + i % 5, 0.05 + 0.001 * (8 + i % 5))
-    for _ in range(12):  # past one exploration interval, no model draft chosen
-        cost = budget.start_step(8)
-        budget.model_rows(cost, [0.01], expected=1.0, seconds=0.05)
-    fresh = DraftBudget(explore_every=4)  # the same steps, nothing learnt elsewhere
-    for b in (budget, fresh):
-        assert b.start_step(4) is None  # no fit for batch 4 yet: verify every candidate
-    assert budget.model_rows(None, [0.5, 0.9], expected=1.0, seconds=0.05) == [False, False]
-    assert fresh.model_rows(None, [0.5, 0.9], expected=1.0, seconds=0.05) == [False, True]
-    budget.start_step(8)
-    assert budget.model_rows(budget.start_step(8), [50.0], expected=1.0, seconds=0.05) == [True]
-    for _ in range(4):  # batch 4's 5th step without a fit: an exploration one again
-        budget.start_step(4)
-    assert budget.model_rows(None, [0.5, 0.9], expected=1.0, seconds=0.05) == [False, True]
-
-
-def test_a_bucket_whose_fit_never_forms_still_explores_model_drafts():
-    """Batch 8 fitted and backed off; then one request without copies: every step verifies
-    one token, so batch 1's step costs never spread and its fit never forms. It must still
-    draft with the model, on every `explore_every`-th step (then its own fit can form)."""
-    budget = DraftBudget(explore_every=4)
+def _fitted_at_8(budget: DraftBudget) -> None:
+    """Batch 8 fitted on `0.05 + 0.001 * tokens`, its decisions never drafting with the model."""
     budget.start_step(8)
     for i in range(20):
         budget.observe(8, 8 + i % 5, 0.05 + 0.001 * (8 + i % 5))
     for _ in range(12):
         budget.model_rows(budget.start_step(8), [0.01], expected=1.0, seconds=0.05)
+
+
+def test_a_new_bucket_decides_with_the_nearest_fitted_buckets_costs():
+    """A batch draining from 8 requests meets buckets 4, 2, 1 without fits of their own: each
+    trims with the nearest fitted bucket's line (a larger one on a tie), not verify-all, and
+    explores model drafts on the fitted schedule only; its own fit replaces the borrowed one."""
+    budget = DraftBudget(explore_every=4)
+    _fitted_at_8(budget)
+    own = budget.fits[8].estimate()
+    assert budget.start_step(4) == pytest.approx(own)
+    assert budget.model_rows(budget.start_step(4), [0.5, 0.9], expected=1.0,
+                             seconds=0.05) == [False, False]
+    budget.start_step(16)  # a 16 bucket, fitted on another line: 4 is nearer to 8
+    for i in range(20):
+        budget.observe(16, 16 + i % 5, 0.2 + 0.01 * (16 + i % 5))
+    assert budget.start_step(4) == pytest.approx(own)
+    assert budget.start_step(32) == pytest.approx(budget.fits[16].estimate())
+    explored = [step for step in range(1, 18) if budget.start_step(2) is None
+                and budget.model_rows(None, [0.9], expected=1.0, seconds=0.05) == [True]]
+    assert explored == [4, 12]  # bucket 2's exploration steps, the interval doubling
+    for i in range(20):
+        budget.observe(4, 4 + i % 5, 0.01 + 0.002 * (4 + i % 5))
+    assert budget.start_step(4) is None  # bucket 4's 4th step: an exploration one
+    fixed, per_token, _ = budget.start_step(4)
+    assert (fixed, per_token) == (pytest.approx(0.01), pytest.approx(0.002))
+    fresh = DraftBudget(explore_every=4)  # nothing fitted anywhere: verify every candidate
+    assert fresh.start_step(4) is None
+
+
+def test_a_bucket_whose_fit_never_forms_still_explores_model_drafts():
+    """One request without copies: every step verifies one token, so batch 1's step costs
+    never spread and its fit never forms. It must still draft with the model: on every 4th
+    step while nothing is fitted, on the fitted schedule once another bucket has a fit."""
+    alone = DraftBudget(explore_every=4)
     explored = []
     for step in range(1, 13):
-        assert budget.start_step(1) is None
-        budget.observe(1, 1, 0.05)
-        if budget.model_rows(None, [0.9], expected=1.0, seconds=0.05) == [True]:
+        assert alone.start_step(1) is None
+        alone.observe(1, 1, 0.05)
+        if alone.model_rows(None, [0.9], expected=1.0, seconds=0.05) == [True]:
             explored.append(step)
-    assert explored == [4, 8, 12]
+    assert explored == [1, 5, 9]
+    budget = DraftBudget(explore_every=4)
+    _fitted_at_8(budget)
+    explored = []
+    for step in range(1, 13):
+        cost = budget.start_step(1)
+        budget.observe(1, 1, 0.05)
+        if cost is None and budget.model_rows(None, [0.9], 1.0, 0.05) == [True]:
+            explored.append(step)
+    assert explored[:1] == [4]
 
 
 def test_an_unfitted_bucket_explores_the_model_only_on_steps_without_copies():

@@ -27,10 +27,10 @@ its fit exists, so an over-estimated per-token cost is noticed; on those steps o
 fitted decisions between two model explorations chose no model draft at all, the model's
 exploration interval doubles (up to `MAX_EXPLORE_EVERY`): where model drafts cannot pay,
 exploring them costs ~nothing, while copies are still verified in full every
-`explore_every`-th step. A bucket without a fit yet explores model drafts on every
-`UNFITTED_MODEL_EVERY`-th step that verifies no copy (a step with copies already gives the fit
-the spread it needs), and only on every `explore_every`-th where another bucket's fitted
-decisions have kept them off.
+`explore_every`-th step. A bucket without a fit of its own decides with the nearest fitted
+bucket's; only while no bucket has one (a fresh engine) does a step verify every candidate, and
+explore model drafts on every `UNFITTED_MODEL_EVERY`-th step that verifies no copy (a step with
+copies already gives the fit the spread it needs).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ on the reference CPU, with a 3 % margin, model drafts chosen as paying measured 
 than not drafting (benchmarks.md, 2026-11-30). Where they pay (the paper: 24-70 % on GPUs with
 8B+ models) a 10 % margin leaves them on."""
 UNFITTED_MODEL_EVERY = 4
-"""While a bucket has no fit, every step verifies every candidate but only every 4th drafts
+"""While no bucket has a fit, every step verifies every candidate but only every 4th drafts
 with the model (for one request), and only where the step verifies no copy: a fit can take
 15-20 steps at batch 8 (it needs steps with and without drafts, or with different token
 counts), and a model draft on each of them cost ~3 % of a batch-8 run's wall time on the
@@ -295,12 +295,30 @@ class DraftBudget:
             return None
         self._bucket = bucket = batch_bucket(batch_size)
         self._steps[bucket] = steps = self._steps.get(bucket, 0) + 1
-        fit = self.fits.get(bucket)
-        estimate = None if fit is None else fit.estimate()
+        estimate = self._estimate(bucket)
         self._fitted = estimate is not None
         if steps % self.explore_every == 0:
             return None
         return estimate
+
+    def _estimate(self, bucket: int) -> tuple[float, float, float] | None:
+        """The bucket's own fit, else the nearest fitted bucket's (in powers of two; the
+        larger on a tie, its per-token cost the more cautious), else None. Every bucket's
+        model is the same line in the tokens verified, so a neighbour's fit is a far better
+        guess than none: without it a batch that drains from 8 requests to 1 verified every
+        candidate on each new bucket's first 8-20 steps (vLLM's `suffix` policy, 0.81x plain
+        in a batch of 8 short prompts on the reference CPU)."""
+        fit = self.fits.get(bucket)
+        own = None if fit is None else fit.estimate()
+        if own is not None:
+            return own
+        others = sorted((b for b in self.fits if b != bucket),
+                        key=lambda b: (abs(b.bit_length() - bucket.bit_length()), -b))
+        for other in others:
+            estimate = self.fits[other].estimate()
+            if estimate is not None:
+                return estimate
+        return None
 
     def _model_exploration_due(self) -> bool:
         """On an exploration step with a fit: whether a model draft is explored too. The
@@ -317,21 +335,10 @@ class DraftBudget:
         return True
 
     def _unfitted_model_exploration_due(self) -> bool:
-        """For a bucket without a fit: a model draft on its steps 1, 5, 9, ...
-        (UNFITTED_MODEL_EVERY); only on every `explore_every`-th step where another bucket's
-        fitted decisions kept model drafts off for a whole exploration interval and no bucket's
-        have drafted since. A batch that drains from 8 requests to 1 meets four buckets;
-        without that, each explored model drafts on a quarter of its first steps. Never less
-        often: a bucket whose fit never forms (batch 1 without copies verifies one token per
-        step, so its step costs never spread) would otherwise never try a model draft."""
-        bucket = self._bucket
-        steps = max(self._steps.get(bucket, 0), 1)
-        off_elsewhere = (
-            any(interval > self.explore_every
-                for b, interval in self._interval.items() if b != bucket)
-            and not any(drafted for b, drafted in self._drafted.items() if b != bucket))
-        if off_elsewhere:
-            return steps % self.explore_every == 0
+        """While no bucket has a fit (a fresh engine): a model draft on the bucket's steps
+        1, 5, 9, ... (UNFITTED_MODEL_EVERY). Once any bucket has one, every bucket decides with
+        it (`_estimate`) and explores on the fitted schedule."""
+        steps = max(self._steps.get(self._bucket, 0), 1)
         return (steps - 1) % UNFITTED_MODEL_EVERY == 0
 
     def lengths(self, cost: tuple[float, float, float] | None, candidates: Sequence[int],
