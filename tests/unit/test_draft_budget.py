@@ -21,8 +21,10 @@ from vllm_clasp.core.draft_budget import (
 )
 
 
-def tokens_per_second(lengths, rates, fixed, per_token, overhead=0.0) -> float:
-    expected = sum(1 + sum(rate ** i for i in range(1, k + 1)) for k, rate in zip(lengths, rates))
+def tokens_per_second(lengths, rates, fixed, per_token, overhead=0.0, weights=None) -> float:
+    weights = weights or [1.0] * len(lengths)
+    expected = sum(w * (1 + sum(rate ** i for i in range(1, k + 1)))
+                   for k, rate, w in zip(lengths, rates, weights))
     return expected / (fixed + per_token * sum(1 + k for k in lengths)
                        + (overhead if any(lengths) else 0.0))
 
@@ -36,14 +38,16 @@ def test_choice_maximises_expected_tokens_per_second(seed):
     fixed = rng.uniform(0.005, 0.1)
     per_token = fixed * rng.choice([0.0, 0.01, 0.1, 0.3, 1.0, 3.0])
     overhead = fixed * rng.choice([0.0, 0.0, 0.05, 0.2, 1.0])
-    chosen = choose_lengths(candidates, rates, fixed, per_token, overhead=overhead)
+    weights = rng.choice([None, [rng.choice([1.0, 0.25, 0.05]) for _ in range(n)]])
+    chosen = choose_lengths(candidates, rates, fixed, per_token, overhead=overhead,
+                            weights=weights)
     assert all(0 <= k <= c for k, c in zip(chosen, candidates))
     best = max(
-        tokens_per_second(lengths, rates, fixed, per_token, overhead)
+        tokens_per_second(lengths, rates, fixed, per_token, overhead, weights)
         for lengths in itertools.product(*(range(c + 1) for c in candidates))
     )
-    assert tokens_per_second(chosen, rates, fixed, per_token, overhead) == pytest.approx(
-        best, rel=1e-12)
+    assert tokens_per_second(chosen, rates, fixed, per_token, overhead, weights) == (
+        pytest.approx(best, rel=1e-12))
 
 
 def test_free_verification_keeps_every_candidate():

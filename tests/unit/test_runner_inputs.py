@@ -30,6 +30,7 @@ def test_most_tokens_each_row_may_draft():
                        num_speculative_tokens=8, max_model_len=64)
     # a: K; b: max_tokens leaves 2, a verification yields drafts + 1 -> 1; c: 64 - 60 = 4.
     assert step.max_draft.tolist() == [8, 1, 4]
+    assert step.tokens_left.tolist() == [98, 2, np.iinfo(np.int32).max - 40]
     assert step.num_sampled == [1, 2, 0]  # rows the runner did not sample this step: 0
     assert step.req_ids == ["a", "b", "c"] and step.seeded == frozenset({2})
     assert step.has_prefill is False and step.num_tokens.tolist() == [10, 40, 60]

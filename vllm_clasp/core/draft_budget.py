@@ -178,23 +178,28 @@ def choose_lengths(
     per_token: float,
     token_gains: Sequence[Sequence[float] | None] | None = None,
     overhead: float = 0.0,
+    weights: Sequence[float] | None = None,
 ) -> list[int]:
     """Per request, how many of its candidate tokens to verify (a prefix of each draft).
 
     token_gains[r] (optional, non-increasing): the probability that row r's draft is
     accepted up to each position, replacing rate ** position (e.g. from a suffix tree's
     token probabilities). overhead: seconds a step pays once when it verifies any draft
-    token (vLLM's speculative path); the best choice with drafts is compared with none."""
+    token (vLLM's speculative path); the best choice with drafts is compared with none.
+    weights[r] (optional, > 0; default 1): what one of row r's tokens is worth (`closed_batch`);
+    the choice maximises weighted expected tokens per second."""
     if per_token <= 0 and overhead <= 0:
         return list(candidates)
     lengths = [0] * len(candidates)
-    expected = float(len(candidates))  # each request's verified token (or bonus) is certain
+    weights = [1.0] * len(candidates) if weights is None else list(weights)
+    expected = float(sum(weights))  # each request's verified token (or bonus) is certain
     plain = expected / (fixed + per_token * len(candidates))
     seconds = fixed + per_token * len(candidates) + overhead  # as if any draft is verified
     token_gains = token_gains or [None] * len(candidates)
     gains = sorted(
-        ((rate ** position if given is None else given[position - 1], row)
-         for row, (count, rate, given) in enumerate(zip(candidates, rates, token_gains))
+        (((rate ** position if given is None else given[position - 1]) * weight, row)
+         for row, (count, rate, given, weight)
+         in enumerate(zip(candidates, rates, token_gains, weights))
          for position in range(1, count + 1)),
         reverse=True,
     )  # a row's gains fall with the position, so every prefix of this order is a draft prefix
@@ -343,12 +348,13 @@ class DraftBudget:
 
     def lengths(self, cost: tuple[float, float, float] | None, candidates: Sequence[int],
                 rates: Sequence[float],
-                token_gains: Sequence[Sequence[float] | None] | None = None) -> list[int]:
+                token_gains: Sequence[Sequence[float] | None] | None = None,
+                weights: Sequence[float] | None = None) -> list[int]:
         if cost is None:
             return list(candidates)
         fixed, per_token, overhead = cost
         return choose_lengths(candidates, rates, fixed, per_token, token_gains=token_gains,
-                              overhead=overhead)
+                              overhead=overhead, weights=weights)
 
     def model_rows(self, cost: tuple[float, float, float] | None, gains: Sequence[float],
                    expected: float, seconds: float, copies: bool = False) -> list[bool]:

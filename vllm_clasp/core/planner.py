@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from vllm_clasp.core.closed_batch import ClosedBatch
 from vllm_clasp.core.copy_calibration import CopyCalibration
 from vllm_clasp.core.copy_sources import CopiedDrafts
 from vllm_clasp.core.draft_budget import AcceptanceRates, DraftBudget, expected_accepted
@@ -69,6 +70,7 @@ class StepInputs:
     num_prompt_tokens: np.ndarray | None = None  # [n] int (None: no copy source needs it)
     seeded: frozenset[int] = frozenset()  # rows whose request has a seed
     has_prefill: bool = False  # a new request's prefill ran in the step just verified
+    tokens_left: np.ndarray | None = None  # [n] int: tokens each may still generate (None: unknown)
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ class Plan:
     cost: tuple[float, float, float] | None  # (fixed, per token, overhead); None: verify all
     shared_rows: frozenset[int] = frozenset()  # of model_rows: drafting with the shared set
     started: float = 0.0  # clock() when planning started
+    weights: dict[int, float] = field(default_factory=dict)  # row -> token worth (`ClosedBatch`)
 
     @property
     def search_groups(self) -> list[int] | None:
@@ -145,6 +148,7 @@ class StepPlanner:
         self.budget = budget or DraftBudget(enabled=options.adaptive, loi=options.loi)
         self.copies = CopiedDrafts(options)
         self.calibration = CopyCalibration()
+        self.closed_batch = ClosedBatch()
         self._ledger: _Ledger | None = None
         self._model_seconds = 0.0  # the current step's DP and drafting time
 
@@ -155,6 +159,7 @@ class StepPlanner:
         self.skip_sets.forget(req_ids)
         self.acceptance.drop(req_ids)
         self.copies.forget(req_ids)
+        self.closed_batch.forget(req_ids)
         self.stats.tracked_requests = len(self.skip_sets)
 
     # ------------------------------------------------------------------ the three calls
@@ -167,17 +172,19 @@ class StepPlanner:
         started = self.clock()
         self._model_seconds = 0.0
         cost = self._step_cost(len(rows))
+        weights = self.closed_batch.weights(step.req_ids, rows, step.tokens_left)
         self.copies.update(step, rows)
         may_draft = [i for i in rows if step.max_draft[i] > 0]  # room left to draft
         found, copy_source, probs = self.copies.find(step, may_draft)
-        copied = self._trim(step, cost, found, copy_source, probs)
+        copied = self._trim(step, cost, found, copy_source, probs, weights)
         copy_source = {i: copy_source[i] for i in copied}
         candidates = ([i for i in may_draft if i not in copied]
                       if self.options.max_model_draft_tokens else [])
-        model_rows = self._model_rows(step, cost, candidates, copied, copy_source, len(rows))
+        model_rows = self._model_rows(step, cost, candidates, copied, copy_source, len(rows),
+                                      weights)
         search_rows, shared_rows = self.skip_sets.due(step.req_ids, model_rows, step.seeded)
         return Plan(rows, copied, copy_source, probs, model_rows, search_rows, cost,
-                    shared_rows, started)
+                    shared_rows, started, weights)
 
     def skip_masks(self, plan: Plan, step: StepInputs, search: SkipSearch | None = None,
                    search_seconds: float = 0.0) -> torch.Tensor:
@@ -216,7 +223,7 @@ class StepPlanner:
             self._model_seconds += seconds
             kept = self._trim(step, plan.cost, {**copied, **made},
                               {**plan.copy_source, **dict.fromkeys(made, MODEL)},
-                              plan.copy_probs)
+                              plan.copy_probs, plan.weights)
             copied = {i: kept[i] for i in copied if i in kept}
             made = {i: kept[i] for i in made if i in kept}
         tokens: list[list[int]] = [[] for _ in step.req_ids]
@@ -270,23 +277,27 @@ class StepPlanner:
 
     def _model_rows(self, step: StepInputs, cost, candidates: list[int],
                     copied: dict[int, np.ndarray], copy_source: dict[int, str],
-                    num_rows: int) -> list[int]:
+                    num_rows: int, weights: dict[int, float] | None = None) -> list[int]:
         """The rows of `candidates` worth a model draft, rank 0's choice on every rank.
         Seeded rows never under the budget (whether a model draft pays is measured in time,
-        and a seed must pin the output: `seeded_copies`); with the budget off every row."""
+        and a seed must pin the output: `seeded_copies`); with the budget off every row.
+        `weights`: row -> what its tokens are worth (empty: 1 each; `ClosedBatch`)."""
+        weights = weights or {}
         if not self.budget.enabled:
             return sorted(candidates)
         free = [i for i in candidates if i not in step.seeded]
         if not free:
             return []
         rate = self.acceptance.rate
-        gains = [expected_accepted(rate(step.req_ids[i], MODEL), self.budget.model_draft_length)
+        gains = [weights.get(i, 1.0)
+                 * expected_accepted(rate(step.req_ids[i], MODEL), self.budget.model_draft_length)
                  for i in free]
         expected = seconds = 1.0
         if cost is not None:
             fixed, per_token, overhead = cost
-            expected = num_rows + sum(
-                expected_accepted(rate(step.req_ids[i], copy_source[i]), len(draft))
+            expected = (sum(weights.values()) if weights else num_rows) + sum(
+                weights.get(i, 1.0)
+                * expected_accepted(rate(step.req_ids[i], copy_source[i]), len(draft))
                 for i, draft in copied.items())
             seconds = (fixed + per_token * (num_rows + sum(len(d) for d in copied.values()))
                        + (overhead if copied else 0.0))
@@ -295,11 +306,13 @@ class StepPlanner:
         return sorted(i for i, keep in zip(free, chosen) if keep)
 
     def _trim(self, step: StepInputs, cost, candidates: dict[int, np.ndarray],
-              sources: dict[int, str], probs: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+              sources: dict[int, str], probs: dict[int, np.ndarray],
+              weights: dict[int, float] | None = None) -> dict[int, np.ndarray]:
         """The prefix of each row's draft worth verifying (seeded rows: all of it); rows left
         with none are dropped. Keeps the order of `candidates`. A draft whose source gave
         token probabilities (suffix trees) is valued by them (`CopyCalibration`), others
-        by their source's measured acceptance rate."""
+        by their source's measured acceptance rate; each row's tokens at its weight
+        (`ClosedBatch`; empty: 1)."""
         order = [i for i, draft in candidates.items() if len(draft) and i not in step.seeded]
         lengths = {i: len(draft) for i, draft in candidates.items()}
         if cost is not None and order:
@@ -307,7 +320,8 @@ class StepPlanner:
                 cost, [lengths[i] for i in order],
                 [self.acceptance.rate(step.req_ids[i], sources[i]) for i in order],
                 [self.calibration.gains(sources[i], probs[i][: lengths[i]])
-                 if i in probs and sources[i] != MODEL else None for i in order])
+                 if i in probs and sources[i] != MODEL else None for i in order],
+                [weights.get(i, 1.0) for i in order] if weights else None)
             chosen = self.broadcast(torch.tensor(chosen, dtype=torch.long)).tolist()
             self.stats.record_unverified(sum(lengths[i] for i in order) - sum(chosen))
             lengths.update(zip(order, chosen))

@@ -23,14 +23,16 @@ def step_inputs(runner, scheduler_output, sampled_token_ids: list[list[int]],
     n = len(req_ids)
     num_tokens = batch.num_tokens_no_spec[:n]  # [n]
     num_sampled = [len(s) for s in sampled_token_ids[:n]]
+    left = tokens_left(runner, req_ids)  # [n]
     return StepInputs(
         req_ids=req_ids, token_ids=batch.token_ids_cpu, num_tokens=num_tokens,
         num_sampled=num_sampled + [0] * (n - len(num_sampled)),
         max_draft=np.minimum(np.minimum(num_speculative_tokens, max_model_len - num_tokens),
-                             tokens_left(runner, req_ids) - 1),
+                             left - 1),
         num_prompt_tokens=batch.num_prompt_tokens[:n],
         seeded=frozenset(batch.sampling_metadata.generators or ()),
         has_prefill=bool(scheduler_output.scheduled_new_reqs),
+        tokens_left=left,
     )
 
 
