@@ -19,4 +19,14 @@ run layers-compiled-b32 --per-category 4 --max-tokens 96 --batch-sizes 32 --meth
 run b1-greedy --per-category 4 --max-tokens 128 --batch-sizes 1 --methods plain,clasp,suffix --out $D/b1-greedy
 run b1-t1-seeded --per-category 2 --max-tokens 96 --batch-sizes 1 --temperature 1 --seeded --methods plain,clasp,suffix --out $D/b1-t1-seeded
 run b8-b32-greedy --per-category 4 --max-tokens 96 --batch-sizes 8,32 --methods plain,clasp,suffix --out $D/b8-b32-greedy
+
+# Evening, code cc3aa2a (a bucket without a fit decides with the nearest fitted bucket's;
+# unfitted buckets explore the model only on steps without copies):
+run b8-b32-greedy-cc3aa2a --per-category 4 --max-tokens 96 --batch-sizes 8,32 --methods plain,clasp,suffix --out $D/b8-b32-greedy-cc3aa2a
+# Code 047b232 (closed batches weigh drafts by the critical path; run from a checkout whose
+# files equal 047b232's but for one docstring, with --out $D/b8-b32-greedy-closed, renamed):
+run b8-b32-greedy-047b232 --per-category 4 --max-tokens 96 --batch-sizes 8,32 --methods plain,clasp,suffix --out $D/b8-b32-greedy-047b232
+# Code 047b232: temperature 1 unseeded, and the repeat scenario (every prompt sent twice).
+run b1-t1 --per-category 2 --max-tokens 96 --batch-sizes 1 --temperature 1 --methods plain,clasp,suffix --out $D/b1-t1
+run repeat --per-category 1 --max-tokens 64 --batch-sizes 1 --repeat --methods plain,clasp,suffix --out $D/repeat
 echo "=== done $(date -u +%H:%M)"
