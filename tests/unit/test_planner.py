@@ -340,3 +340,24 @@ def test_every_rank_follows_rank_0s_time_based_decisions():
     assert follower_channel.sent == [], "the ranks broadcast in the same order"
     alone = planner_with(cost=(0.010, 0.010))
     assert step(alone) == [[], []], "without the broadcast rank 1 would have decided otherwise"
+
+
+def test_a_closed_batch_trims_the_copies_of_requests_ahead_of_the_critical_path():
+    """Two requests with the same copy: while the batch is open both verify the same prefix;
+    once nobody has joined for CLOSED_AFTER steps, the one with fewer tokens left (ahead)
+    verifies less of it, and the steps it was ahead are counted."""
+    from vllm_clasp.core.closed_batch import CLOSED_AFTER
+
+    planner = planner_with(cost=(0.019, 0.0019))
+    step = StepInputs(req_ids=["a", "b"], token_ids=np.array([REPEATED, REPEATED]),
+                      num_tokens=np.full(2, 8), num_sampled=[1, 1], max_draft=np.full(2, 8),
+                      tokens_left=np.array([90, 50]))
+    lengths = []
+    for _ in range(CLOSED_AFTER + 1):
+        plan = planner.plan(step)
+        lengths.append([len(plan.copied.get(i, ())) for i in (0, 1)])
+    assert all(a == b > 0 for a, b in lengths[:-1])  # open: the same copy, the same prefix
+    critical, ahead = lengths[-1]
+    assert critical >= lengths[0][0] and ahead < critical
+    assert plan.weights == {0: 1.0, 1: pytest.approx(0.25)}
+    assert planner.stats.num_ahead_rounds == 1

@@ -173,6 +173,7 @@ class StepPlanner:
         self._model_seconds = 0.0
         cost = self._step_cost(len(rows))
         weights = self.closed_batch.weights(step.req_ids, rows, step.tokens_left)
+        self.stats.record_ahead(sum(1 for w in weights.values() if w < 1))
         self.copies.update(step, rows)
         may_draft = [i for i in rows if step.max_draft[i] > 0]  # room left to draft
         found, copy_source, probs = self.copies.find(step, may_draft)

@@ -83,6 +83,10 @@ COUNTERS = (
                "worth it)."),
     CounterRow("num_speculation_off_rounds", "vllm:clasp_speculation_off_rounds",
                "Request x verification steps without a draft."),
+    CounterRow("num_ahead_rounds", "vllm:clasp_ahead_rounds",
+               "Request x verification steps in a closed batch (nobody joined for 8 steps) "
+               "with the request ahead of the critical path, its draft tokens weighed at "
+               "0.25 (core.closed_batch)."),
     CounterRow("num_unverified_draft_tokens", "vllm:clasp_unverified_draft_tokens",
                "Draft tokens left unverified because measured costs and acceptance said they "
                "would not pay for their verification (clasp_adaptive)."),
@@ -158,6 +162,9 @@ class ClaspStats:
     def record_undrafted(self, num_requests: int, whole_step: bool) -> None:
         self.num_speculation_off_steps += whole_step
         self.num_speculation_off_rounds += num_requests
+
+    def record_ahead(self, num_requests: int) -> None:
+        self.num_ahead_rounds += num_requests
 
     def record_unverified(self, num_tokens: int) -> None:
         self.num_unverified_draft_tokens += num_tokens
