@@ -22,7 +22,7 @@ ratio) and a share of the DP. `choose_rows` picks the requests that maximise E/T
 
 The fit needs steps with different token counts; drafts and the batch size provide them, and
 `DraftBudget` verifies every candidate on every `explore_every`-th step of a bucket and until
-its fit exists, so an over-estimated per-token cost is noticed; on those steps one request
+some bucket's fit exists, so an over-estimated per-token cost is noticed; on those steps one request
 (the most promising) drafts with the model, so the draft cost stays measured. While the
 fitted decisions between two model explorations chose no model draft at all, the model's
 exploration interval doubles (up to `MAX_EXPLORE_EVERY`): where model drafts cannot pay,
@@ -313,13 +313,9 @@ class DraftBudget:
         guess than none: without it a batch that drains from 8 requests to 1 verified every
         candidate on each new bucket's first 8-20 steps (vLLM's `suffix` policy, 0.81x plain
         in a batch of 8 short prompts on the reference CPU)."""
-        fit = self.fits.get(bucket)
-        own = None if fit is None else fit.estimate()
-        if own is not None:
-            return own
-        others = sorted((b for b in self.fits if b != bucket),
-                        key=lambda b: (abs(b.bit_length() - bucket.bit_length()), -b))
-        for other in others:
+        nearest_first = sorted(
+            self.fits, key=lambda b: (abs(b.bit_length() - bucket.bit_length()), -b))
+        for other in nearest_first:  # the bucket itself first (distance 0)
             estimate = self.fits[other].estimate()
             if estimate is not None:
                 return estimate
